@@ -1,0 +1,40 @@
+# Two commands on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.seesaw-installed
+DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct
+PYTEST_ARGS ?=
+
+export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+.PHONY: venv model demo test bench clean
+
+$(STAMP): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --disable-pip-version-check \
+		-c constraints.txt -e '.[demo,plot,test]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/python -c "import torch, megatron.core, transformers, seesaw_mc" 
+	touch $@
+
+venv: $(STAMP)
+
+$(DEMO_MODEL)/config.json: $(STAMP)
+	$(BIN)/seesaw-mc make-demo --model-dir $(DEMO_MODEL) --prepare-only
+
+model: $(DEMO_MODEL)/config.json
+
+demo: $(DEMO_MODEL)/config.json
+	$(BIN)/seesaw-mc make-demo --model-dir $(DEMO_MODEL)
+
+test: $(DEMO_MODEL)/config.json
+	SEESAW_DEMO_MODEL=$(CURDIR)/$(DEMO_MODEL) $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+bench: $(DEMO_MODEL)/config.json
+	$(BIN)/python benchmarks/throughput.py --model $(DEMO_MODEL) --output-json benchmarks/results/throughput_single_rank.json
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,3 @@
+from seesaw_mc.cli import main
+
+raise SystemExit(main())

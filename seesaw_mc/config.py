@@ -1,0 +1,161 @@
+"""One validated configuration tree for the engine.
+
+Every knob is documented where it is declared; `EngineConfig.__post_init__` is the only
+place that validates. No torch import here: the scheduler side reads this too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from seesaw_mc.errors import ConfigError
+
+_LAYOUT_RE = re.compile(r"^(?:dp(\d+))?(?:tp(\d+))?(?:pp(\d+))?$")
+_PAPER_RE = re.compile(r"^(?:D(\d+))?(?:T(\d+))?(?:P(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout: data x tensor x pipeline parallel degrees."""
+
+    tp: int = 1
+    """Tensor-parallel degree: attention heads and MLP columns split across tp ranks."""
+    pp: int = 1
+    """Pipeline-parallel degree: contiguous layer ranges per stage."""
+    dp: int = 1
+    """Data-parallel replicas; never changes between the prefill and decode layouts."""
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        """Parse `tp2`, `pp4`, `tp2pp2`, `dp2tp2pp1`, or the paper's `T4`, `P4`, `D2P4`."""
+        s = text.strip()
+        m = _LAYOUT_RE.match(s.lower()) if s.islower() or s.isdigit() else _PAPER_RE.match(s)
+        if not s or m is None or not any(m.groups()):
+            raise ConfigError(f"invalid layout {text!r}: expected e.g. tp2, pp4, tp2pp2, dp2tp2, T4, P4, D2P4")
+        dp, tp, pp = (int(g) if g else 1 for g in m.groups())
+        if min(dp, tp, pp) < 1:
+            raise ConfigError(f"invalid layout {text!r}: degrees must be >= 1")
+        return cls(tp=tp, pp=pp, dp=dp)
+
+    def __str__(self) -> str:
+        return (f"dp{self.dp}" if self.dp > 1 else "") + f"tp{self.tp}pp{self.pp}"
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache sizing."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_device_blocks: Optional[int] = None
+    """Exact number of device KV blocks; overrides the memory budget (like vLLM's num_gpu_blocks_override)."""
+    device_memory_bytes: Optional[int] = None
+    """KV budget in bytes on the compute device. None: a fraction of free memory (see below)."""
+    device_memory_fraction: float = 0.9
+    """CUDA: fraction of total GPU memory the process may use, weights included (vLLM's
+    gpu_memory_utilization). CPU: fraction of available RAM per local rank, capped at 4 GiB,
+    because the CPU 'device' shares RAM with everything else."""
+
+
+@dataclass
+class SchedulerConfig:
+    """Batching limits of the scheduler."""
+
+    max_num_seqs: int = 256
+    """Most sequences in one decode batch."""
+    max_num_batched_tokens: int = 4096
+    """Prefill token budget per step (the paper's artifact used 4096). A single prompt longer
+    than this is still admitted, alone."""
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs; filled from LLM(**kwargs) or the CLI."""
+
+    model: str
+    """Folder with config.json, *.safetensors and the tokenizer files."""
+    tokenizer: Optional[str] = None
+    """Tokenizer folder; defaults to `model`."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | float16 | auto (float32 on CPU, the checkpoint's dtype on CUDA)."""
+    seed: int = 0
+    """Engine seed: requests without their own `seed` derive a per-request seed from it."""
+    max_model_len: Optional[int] = None
+    """Longest prompt + output. None: the model's max_position_embeddings (and sliding window)."""
+    prefill_layout: Layout = field(default_factory=Layout)
+    """Layout used for prefill."""
+    decode_layout: Layout = field(default_factory=Layout)
+    """Layout used for decode; dp must equal prefill_layout.dp."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    # Flat aliases so that LLM(model, block_size=..., max_num_seqs=...) works like vLLM.
+    _FLAT = {
+        "block_size": ("cache", "block_size"),
+        "num_device_blocks": ("cache", "num_device_blocks"),
+        "num_gpu_blocks_override": ("cache", "num_device_blocks"),
+        "kv_cache_memory_bytes": ("cache", "device_memory_bytes"),
+        "gpu_memory_utilization": ("cache", "device_memory_fraction"),
+        "max_num_seqs": ("scheduler", "max_num_seqs"),
+        "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
+    }
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        top = {k: v for k, v in kwargs.items() if k in names}
+        cfg = cls(model=model, **{k: v for k, v in top.items() if k not in ("cache", "scheduler")})
+        for k, v in kwargs.items():
+            if k in names:
+                continue
+            if k not in cls._FLAT:
+                raise ConfigError(f"unknown engine option {k!r}")
+            section, attr = cls._FLAT[k]
+            setattr(getattr(cfg, section), attr, v)
+        cfg.validate()
+        return cfg
+
+    def __post_init__(self):
+        for name in ("prefill_layout", "decode_layout"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                setattr(self, name, Layout.parse(v))
+        self.validate()
+
+    def validate(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16 (got {self.dtype!r})")
+        c, s = self.cache, self.scheduler
+        if not isinstance(c.block_size, int) or c.block_size < 1:
+            raise ConfigError(f"block_size must be a positive integer (got {c.block_size!r})")
+        if c.num_device_blocks is not None and (not isinstance(c.num_device_blocks, int) or c.num_device_blocks < 1):
+            raise ConfigError(f"num_device_blocks must be a positive integer (got {c.num_device_blocks!r})")
+        if c.device_memory_bytes is not None and c.device_memory_bytes <= 0:
+            raise ConfigError(f"kv_cache_memory_bytes must be positive (got {c.device_memory_bytes!r})")
+        if not 0.0 < c.device_memory_fraction <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1] (got {c.device_memory_fraction!r})")
+        if not isinstance(s.max_num_seqs, int) or s.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be a positive integer (got {s.max_num_seqs!r})")
+        if not isinstance(s.max_num_batched_tokens, int) or s.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be a positive integer (got {s.max_num_batched_tokens!r})")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ConfigError(f"max_model_len must be an integer >= 2 (got {self.max_model_len!r})")
+        if self.prefill_layout.dp != self.decode_layout.dp:
+            raise ConfigError(
+                f"prefill layout {self.prefill_layout} and decode layout {self.decode_layout} must have the same dp"
+            )
+        if self.prefill_layout.world_size != self.decode_layout.world_size:
+            raise ConfigError(
+                f"prefill layout {self.prefill_layout} uses {self.prefill_layout.world_size} ranks but decode layout "
+                f"{self.decode_layout} uses {self.decode_layout.world_size}"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.prefill_layout.world_size

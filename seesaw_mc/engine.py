@@ -1,0 +1,224 @@
+"""The engine loop: schedule -> run one phase -> sample -> outputs."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence as Seq
+
+import torch
+
+from seesaw_mc.config import EngineConfig
+from seesaw_mc.errors import CapacityError, ConfigError, InputError, ModelError
+from seesaw_mc.kv.block_manager import BlockManager
+from seesaw_mc.model.hf_import import ModelArgs, load_model_args
+from seesaw_mc.outputs import CompletionOutput, RequestOutput
+from seesaw_mc.sampling import Sampler, step_seed
+from seesaw_mc.sampling_params import SamplingParams
+from seesaw_mc.scheduler import Phase, Scheduler
+from seesaw_mc.sequence import Sequence
+
+log = logging.getLogger("seesaw_mc")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, args: ModelArgs, on_cuda: bool) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if not on_cuda:
+        return torch.float32  # CPU matmuls are fastest and exact in fp32
+    return _DTYPES.get(args.torch_dtype, torch.bfloat16)
+
+
+def load_tokenizer(path: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # transformers raises OSError/ValueError/... depending on what is missing
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise ModelError(f"cannot load the tokenizer from {path!r}: {msg}") from None
+
+
+def _stable_hash(value) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little")
+
+
+@dataclass
+class _Request:
+    request_id: Any
+    prompt: Optional[str]
+    prompt_token_ids: List[int]
+    params: SamplingParams
+    seqs: List[Sequence]
+    arrival_time: float
+    first_token_time: Optional[float] = None
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0
+    prefill_time: float = 0.0
+    decode_tokens: int = 0
+    decode_time: float = 0.0
+    steps: Dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    preemptions: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "prefill_tokens": self.prefill_tokens, "prefill_time_s": self.prefill_time,
+            "decode_tokens": self.decode_tokens, "decode_time_s": self.decode_time,
+            "prefill_steps": self.steps["prefill"], "decode_steps": self.steps["decode"],
+            "preemptions": self.preemptions,
+        }
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from seesaw_mc.model_runner import ModelRunner
+        from seesaw_mc.parallel import megatron_adapter as mc
+
+        self.config = config
+        if config.world_size != 1:
+            raise ConfigError(f"layout {config.prefill_layout} -> {config.decode_layout} needs "
+                              f"{config.world_size} ranks; this engine build runs one rank")
+        self.args = args = load_model_args(config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.dtype = resolve_dtype(config.dtype, args, mc.HAS_CUDA)
+        self.eos_token_ids = set(args.eos_token_ids)
+        if not self.eos_token_ids and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids = {self.tokenizer.eos_token_id}
+        limit = args.max_position_embeddings
+        if args.sliding_window:
+            # Beyond the window the model attends differently; stay where we are exact.
+            limit = min(limit, args.sliding_window)
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ConfigError(f"max_model_len {config.max_model_len} exceeds the model's context of {limit} tokens")
+        max_len = config.max_model_len or limit
+        self.runner = ModelRunner(config, args, self.dtype, max_len)
+        bs = config.cache.block_size
+        capacity = self.runner.num_blocks * bs
+        if capacity < max_len:
+            if config.max_model_len is not None:
+                raise CapacityError(
+                    f"max_model_len {max_len} does not fit the KV cache ({self.runner.num_blocks} blocks of {bs} "
+                    f"tokens = {capacity}); raise the cache size or lower max_model_len")
+            log.info("max_model_len capped to the KV cache capacity: %d tokens", capacity)
+            max_len = capacity
+        self.max_model_len = max_len
+        self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, bs), config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.requests: Dict[Any, _Request] = {}
+        self.stats = EngineStats()
+
+    # -- requests ---------------------------------------------------------------------
+    def add_request(self, request_id, prompt_token_ids: Seq[int], params: SamplingParams,
+                    prompt: Optional[str] = None) -> None:
+        ids = self.validate_prompt(request_id, prompt_token_ids)
+        # Unseeded requests get a seed derived from the engine seed and their id, so a rerun
+        # (or a resumed job) samples the same tokens whatever the batching.
+        base_seed = params.seed if params.seed is not None else step_seed(self.config.seed, _stable_hash(request_id))
+        seqs = [Sequence(request_id, i, ids, params, seed=base_seed if i == 0 else step_seed(base_seed, -i - 1))
+                for i in range(params.n)]
+        self.requests[request_id] = _Request(request_id, prompt, ids, params, seqs, time.perf_counter())
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def validate_prompt(self, request_id, prompt_token_ids: Seq[int]) -> List[int]:
+        """Raise the one-line error add_request would raise, without adding anything."""
+        if request_id in self.requests:
+            raise InputError(f"duplicate request id {request_id!r}")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise InputError(f"request {request_id!r}: empty prompt")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.args.vocab_size for t in ids):
+            raise InputError(f"request {request_id!r}: prompt token ids must be integers in [0, {self.args.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise CapacityError(f"request {request_id!r}: prompt of {len(ids)} tokens does not fit the model's "
+                                f"context of {self.max_model_len} tokens (one token must be left to generate)")
+        return ids
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- one step -----------------------------------------------------------------------
+    def step(self) -> List[RequestOutput]:
+        out = self.scheduler.schedule()
+        self.stats.preemptions += len(out.preempted)
+        if not out.seqs:
+            return []
+        t0 = time.perf_counter()
+        logits = self.runner.execute(out)
+        tokens, logprobs = self.sampler(logits, out.seqs)
+        dt = time.perf_counter() - t0
+        self.stats.steps[out.phase.value] += 1
+        if out.phase is Phase.PREFILL:
+            self.stats.prefill_tokens += out.num_tokens
+            self.stats.prefill_time += dt
+        else:
+            self.stats.decode_tokens += len(out.seqs)
+            self.stats.decode_time += dt
+        finished: List[RequestOutput] = []
+        for seq, tok, lp in zip(out.seqs, tokens, logprobs):
+            seq.num_cached_tokens = len(seq)
+            seq.token_ids.append(tok)
+            if lp is not None:
+                seq.cumulative_logprob += lp[0]
+                seq.logprobs.append(lp[1])
+            if self._check_stop(seq, tok):
+                self.scheduler.finish(seq)
+                req = self.requests[seq.request_id]
+                if all(s.is_finished for s in req.seqs):
+                    finished.append(self._make_output(self.requests.pop(seq.request_id)))
+        return finished
+
+    def _check_stop(self, seq: Sequence, tok: int) -> bool:
+        p = seq.params
+        if not p.ignore_eos and tok in self.eos_token_ids:
+            seq.finish_reason = "stop"
+            return True
+        if tok in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", tok
+            return True
+        if p.stop:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            hits = [(text.find(s), s) for s in p.stop if s in text]
+            if hits:
+                at, s = min(hits)
+                seq.text = text[: at + len(s)] if p.include_stop_str_in_output else text[:at]
+                seq.finish_reason, seq.stop_reason = "stop", s
+                return True
+        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(seq) >= self.max_model_len:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for s in req.seqs:
+            text = s.text
+            if text is None:
+                text = self.tokenizer.decode(s.output_token_ids, skip_special_tokens=s.params.skip_special_tokens)
+            lps = None
+            if s.params.logprobs is not None:
+                lps = s.logprobs
+                for entry in lps:
+                    for tid, lp in entry.items():
+                        lp.decoded_token = self.tokenizer.decode([tid])
+            outs.append(CompletionOutput(
+                index=s.index, text=text, token_ids=s.output_token_ids,
+                cumulative_logprob=s.cumulative_logprob if s.params.logprobs is not None else None,
+                logprobs=lps, finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                num_preemptions=s.num_preemptions))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                             metrics={"arrival_time": req.arrival_time, "finished_time": time.perf_counter()})

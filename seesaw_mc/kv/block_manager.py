@@ -1,0 +1,62 @@
+"""Paged KV block accounting (pure Python, no torch).
+
+A sequence of L tokens owns ceil(L / block_size) blocks; slot i of the sequence lives at
+block_table[i // block_size] * block_size + i % block_size.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free = deque(range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    # -- prefill: a waiting sequence gets blocks for all its tokens ---------------------
+    def can_allocate(self, seq) -> bool:
+        return blocks_needed(len(seq), self.block_size) <= len(self._free)
+
+    def allocate(self, seq) -> None:
+        assert not seq.block_table, f"{seq} already holds blocks"
+        n = blocks_needed(len(seq), self.block_size)
+        if n > len(self._free):
+            raise RuntimeError(f"allocate({seq}) needs {n} blocks, {len(self._free)} free")
+        seq.block_table = [self._free.popleft() for _ in range(n)]
+
+    # -- decode: the token at position len(seq)-1 is written this step ------------------
+    def needs_new_block(self, seq) -> bool:
+        return len(seq.block_table) * self.block_size < len(seq)
+
+    def can_append(self, seq) -> bool:
+        return not self.needs_new_block(seq) or len(self._free) > 0
+
+    def append_slot(self, seq) -> None:
+        if self.needs_new_block(seq):
+            if not self._free:
+                raise RuntimeError(f"append_slot({seq}): no free block")
+            seq.block_table.append(self._free.popleft())
+
+    def free(self, seq) -> None:
+        # Most recently allocated first, so that a re-admitted sequence tends to get warm blocks.
+        self._free.extendleft(reversed(seq.block_table))
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+
+    def slot(self, seq, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

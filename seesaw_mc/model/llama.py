@@ -1,0 +1,191 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) on megatron-core layers.
+
+The module tree carries megatron-core's names (`embedding.word_embeddings`,
+`decoder.layers.N.self_attention.linear_qkv`, ..., `output_layer`), so Megatron checkpoints
+and `sharded_state_dict` map onto it. A model instance is one pipeline stage of one TP
+layout: it holds layers [layer_start, layer_end) and TP shards sized for its tp_group.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seesaw_mc.model.attention import get_attn_metadata, paged_attention
+from seesaw_mc.model.hf_import import ModelArgs
+from seesaw_mc.parallel import megatron_adapter as mc
+from seesaw_mc.reshard import padded_vocab_size, shard_tensor
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+
+def _no_init(_w):
+    return None
+
+
+class Embedding(MegatronModule):
+    def __init__(self, config, vocab_size: int, tp_group):
+        super().__init__(config)
+        self.word_embeddings = VocabParallelEmbedding(vocab_size, config.hidden_size, init_method=_no_init,
+                                                      config=config, tp_group=tp_group)
+
+    def forward(self, input_ids):
+        return self.word_embeddings(input_ids)
+
+
+class SelfAttention(MegatronModule):
+    def __init__(self, config, args: ModelArgs, tp_group):
+        super().__init__(config)
+        tp = tp_group.size() if tp_group is not None else 1
+        d = args.head_dim
+        self.num_heads = args.num_heads // tp
+        self.num_kv_heads = args.num_kv_heads // tp
+        self.head_dim = d
+        self.scale = 1.0 / math.sqrt(d)
+        self.linear_qkv = ColumnParallelLinear(
+            args.hidden_size, (args.num_heads + 2 * args.num_kv_heads) * d, config=config, init_method=_no_init,
+            bias=args.qkv_bias, gather_output=False, tp_group=tp_group)
+        self.linear_proj = RowParallelLinear(
+            args.num_heads * d, args.hidden_size, config=config, init_method=_no_init, bias=False,
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+        self.kv_cache: Tuple[torch.Tensor, torch.Tensor] = (None, None)
+
+    def forward(self, x, rope):
+        t = x.shape[0]
+        qkv, _ = self.linear_qkv(x)
+        # Per query group: [q x q_per_group, k, v], each head_dim wide.
+        qkv = qkv.view(t, self.num_kv_heads, self.num_heads // self.num_kv_heads + 2, self.head_dim)
+        q = qkv[:, :, :-2].reshape(t, 1, self.num_heads, self.head_dim)
+        k = qkv[:, :, -2:-1].reshape(t, 1, self.num_kv_heads, self.head_dim)
+        v = qkv[:, :, -1].contiguous()
+        q = mc.apply_rope(q, rope).view(t, self.num_heads, self.head_dim)
+        k = mc.apply_rope(k, rope).view(t, self.num_kv_heads, self.head_dim)
+        o = paged_attention(q, k, v, *self.kv_cache, scale=self.scale)
+        out, _ = self.linear_proj(o.reshape(t, self.num_heads * self.head_dim))
+        return out
+
+
+class MLP(MegatronModule):
+    def __init__(self, config, args: ModelArgs, tp_group):
+        super().__init__(config)
+        self.linear_fc1 = ColumnParallelLinear(args.hidden_size, 2 * args.ffn_hidden_size, config=config,
+                                               init_method=_no_init, bias=False, gather_output=False,
+                                               tp_group=tp_group)
+        self.linear_fc2 = RowParallelLinear(args.ffn_hidden_size, args.hidden_size, config=config,
+                                            init_method=_no_init, bias=False, input_is_parallel=True,
+                                            skip_bias_add=False, tp_group=tp_group)
+
+    def forward(self, x):
+        h, _ = self.linear_fc1(x)
+        gate, up = h.chunk(2, dim=-1)
+        out, _ = self.linear_fc2(F.silu(gate) * up)
+        return out
+
+
+class DecoderLayer(MegatronModule):
+    def __init__(self, config, args: ModelArgs, tp_group, layer_number: int):
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.input_layernorm = WrappedTorchNorm(config, args.hidden_size, eps=args.rms_norm_eps)
+        self.self_attention = SelfAttention(config, args, tp_group)
+        self.pre_mlp_layernorm = WrappedTorchNorm(config, args.hidden_size, eps=args.rms_norm_eps)
+        self.mlp = MLP(config, args, tp_group)
+
+    def forward(self, x, rope):
+        x = x + self.self_attention(self.input_layernorm(x), rope)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class Decoder(MegatronModule):
+    def __init__(self, config, args: ModelArgs, tp_group, layer_start: int, layer_end: int, post_process: bool):
+        super().__init__(config)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, args, tp_group, layer_number=i + 1) for i in range(layer_start, layer_end))
+        self.final_layernorm = (WrappedTorchNorm(config, args.hidden_size, eps=args.rms_norm_eps)
+                                if post_process else None)
+
+
+class CausalLM(MegatronModule):
+    """One pipeline stage of a Llama-family model in one TP layout."""
+
+    def __init__(self, args: ModelArgs, params_dtype: torch.dtype, device: torch.device, max_len: int,
+                 tp_group=None, layer_start: int = 0, layer_end: Optional[int] = None):
+        tp = tp_group.size() if tp_group is not None else 1
+        config = mc.transformer_config(args, params_dtype, tp_size=tp)
+        super().__init__(config)
+        self.args = args
+        self.tp_rank = tp_group.rank() if tp_group is not None else 0
+        self.tp_size = tp
+        self.layer_start = layer_start
+        self.layer_end = args.num_layers if layer_end is None else layer_end
+        self.pre_process = layer_start == 0
+        self.post_process = self.layer_end == args.num_layers
+        self.vocab_size = args.vocab_size
+        vocab = padded_vocab_size(args.vocab_size, tp)
+        if self.pre_process:
+            self.embedding = Embedding(config, vocab, tp_group)
+        self.decoder = Decoder(config, args, tp_group, layer_start, self.layer_end, self.post_process)
+        if self.post_process:
+            tied = args.tie_word_embeddings
+            self.output_layer = ColumnParallelLinear(
+                args.hidden_size, vocab, config=config, init_method=_no_init, bias=False, gather_output=True,
+                skip_weight_param_allocation=tied, tp_group=tp_group)
+        self.register_buffer("rope", mc.rotary_table(args, max_len, device), persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Optional[torch.Tensor], hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [T] on the first stage, else the previous stage's hidden [T, h]."""
+        meta = get_attn_metadata()
+        x = self.embedding(input_ids) if self.pre_process else hidden
+        rope = self.rope[meta.positions]
+        for layer in self.decoder.layers:
+            x = layer(x, rope)
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + output layer on the selected rows -> fp32 logits [N, vocab]."""
+        x = self.decoder.final_layernorm(hidden)
+        weight = self.embedding.word_embeddings.weight if self.args.tie_word_embeddings else None
+        logits, _ = self.output_layer(x, weight=weight)
+        return logits[:, : self.vocab_size].float()
+
+    def local_name(self, name: str) -> Optional[str]:
+        """Megatron global name -> this stage's parameter name (None if another stage owns it)."""
+        if name.startswith("decoder.layers."):
+            i = int(name.split(".")[2])
+            if not self.layer_start <= i < self.layer_end:
+                return None
+            return f"decoder.layers.{i - self.layer_start}." + name.split(".", 3)[3]
+        if name.startswith("embedding."):
+            return name if self.pre_process else None
+        if name.startswith(("decoder.final_layernorm", "output_layer")):
+            return name if self.post_process else None
+        raise KeyError(name)
+
+    def load_full_tensors(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Take this rank's shard of every full Megatron-named tensor (views where possible)."""
+        params: Dict[str, nn.Parameter] = dict(self.named_parameters())
+        loaded = set()
+        for name, full in tensors:
+            local = self.local_name(name)
+            if local is None:
+                continue
+            shard = shard_tensor(name, full, self.tp_rank, self.tp_size, self.args.num_kv_heads)
+            p = params[local]
+            if tuple(p.shape) != tuple(shard.shape):
+                raise ValueError(f"{name}: shard shape {tuple(shard.shape)} != parameter {tuple(p.shape)}")
+            p.data = shard.to(device=self.rope.device, dtype=p.dtype)
+            p.requires_grad_(False)
+            loaded.add(local)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"weights missing for {missing[:3]}")

@@ -1,0 +1,57 @@
+"""Weights: full (master) Megatron-named tensors -> this rank's shard for a TP degree.
+
+Each rule narrows a full tensor to the slice a TP rank owns, the same way megatron-core's
+column/row/vocab-parallel layers partition it. Re-sharding to another layout means running
+the rules again with the new (tp_rank, tp_size): see `shard_tensor`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _column(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    return full.chunk(size, dim=0)[rank]
+
+
+def _row(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    return full.chunk(size, dim=1)[rank]
+
+
+def _qkv(full: torch.Tensor, rank: int, size: int, num_groups: int) -> torch.Tensor:
+    # Rows are packed per query group; a TP rank owns whole groups.
+    grouped = full.reshape(num_groups, -1, *full.shape[1:])
+    return grouped.chunk(size, dim=0)[rank].reshape(-1, *full.shape[1:])
+
+
+def _fc1(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    # Full tensor is [gate; up]; a rank's shard is [gate_r; up_r].
+    gate, up = full.chunk(2, dim=0)
+    return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
+    return -(-vocab_size // tp_size) * tp_size
+
+
+def _vocab(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    padded = padded_vocab_size(full.shape[0], size)
+    if padded != full.shape[0]:
+        full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])
+    return full.chunk(size, dim=0)[rank]
+
+
+def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, num_kv_heads: int) -> torch.Tensor:
+    """The TP shard of a full Megatron-named tensor (a view when tp_size == 1)."""
+    if tp_size == 1:
+        return full
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        return _qkv(full, tp_rank, tp_size, num_kv_heads)
+    if name.endswith("linear_fc1.weight"):
+        return _fc1(full, tp_rank, tp_size)
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return _row(full, tp_rank, tp_size)
+    if name.endswith(("word_embeddings.weight", "output_layer.weight")):
+        return _vocab(full, tp_rank, tp_size)
+    if name.endswith("layernorm.weight"):
+        return full
+    raise KeyError(f"no sharding rule for {name}")

@@ -1,0 +1,71 @@
+"""Tiny random checkpoints built with transformers itself (no downloads)."""
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+CORPUS_WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly hum tunes about "
+    "paris london berlin rome madrid summary abstract method result table figure model data "
+    "throughput latency memory cache token prefill decode tensor pipeline parallel layout"
+).split()
+
+
+def build_tokenizer(out_dir: str, vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(CORPUS_WORDS) for _ in range(12)) + "." for _ in range(400)]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_model(kind: str, out_dir: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                tied: bool = False, seed: int = 0, vocab_size: int = 320, max_pos: int = 512) -> str:
+    """Save a random HF model of the given family (llama | mistral | qwen2) plus tokenizer."""
+    import transformers as tf
+
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[kind]
+    os.makedirs(out_dir, exist_ok=True)
+    tok = build_tokenizer(out_dir, vocab_size)
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+              tie_word_embeddings=tied, rope_theta=10000.0 if kind != "qwen2" else 1000000.0,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+              # A larger init than the default 0.02 gives peaked logits: greedy ties between
+              # nearly equal logits would make a token-exact comparison flaky.
+              initializer_range=0.15)
+    if kind == "mistral":
+        kw["sliding_window"] = max_pos
+    torch.manual_seed(seed)
+    model = cls[1](cls[0](**kw)).eval()
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def hf_greedy(model_dir: str, prompts, max_new_tokens: int, dtype=torch.float32):
+    """Reference: HF transformers generate, one prompt at a time (no padding), greedy."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    outs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, top_p=None, top_k=None,
+                               temperature=None, pad_token_id=model.config.eos_token_id)
+            outs.append(y[0, len(ids):].tolist())
+    return outs
