@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
@@ -80,19 +80,25 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, order: List[str], use_tqdm: bool) -> List[RequestOutput]:
-        eng = self.engine
         done: Dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
-        last = time.perf_counter()
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                done[out.request_id] = out
+        run_engine(self.engine, len(order), use_tqdm, lambda out: done.__setitem__(out.request_id, out))
+        return [done[rid] for rid in order]
+
+
+def run_engine(engine, total: int, use_tqdm: bool, on_output: Callable[[RequestOutput], None]) -> None:
+    """Step the engine until idle, handing each finished request to on_output as it finishes."""
+    bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+    last = time.perf_counter()
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                on_output(out)
                 bar.update(1)
             now = time.perf_counter()
             if use_tqdm and now - last > 0.5:
-                s = eng.stats
+                s = engine.stats
                 bar.set_postfix(prefill=f"{s.prefill_tokens / max(s.prefill_time, 1e-9):.0f}tok/s",
                                 decode=f"{s.decode_tokens / max(s.decode_time, 1e-9):.0f}tok/s", refresh=False)
                 last = now
+    finally:
         bar.close()
-        return [done[rid] for rid in order]

@@ -1,1 +1,168 @@
-def main(): return 0
+"""`seesaw-mc generate | make-demo`.
+
+Every error a user can cause ends as one line `seesaw-mc: error: ...` on stderr and a
+non-zero exit code; set SEESAW_DEBUG=1 to see tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+
+from seesaw_mc.errors import SeesawError
+
+PROG = "seesaw-mc"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", required=True, help="HF model folder (config.json, *.safetensors, tokenizer)")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-device-blocks", type=int, default=None, help="exact KV block count (overrides memory)")
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=4096)
+
+
+def _engine_kwargs(a) -> dict:
+    return dict(dtype=a.dtype, seed=a.seed, max_model_len=a.max_model_len, block_size=a.block_size,
+                num_device_blocks=a.num_device_blocks, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
+                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling defaults (an input line's own fields win)")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Offline LLM inference with Seesaw re-sharding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="run a JSONL batch job")
+    _add_engine_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--input", required=True, help="JSONL: one request per line")
+    g.add_argument("--output", required=True, help="JSONL: one result per request, appended as they finish")
+    g.add_argument("--no-tqdm", action="store_true", help="no progress bar")
+    d = sub.add_parser("make-demo", help="prepare the bundled SmolLM2-135M-Instruct and run the demo prompts")
+    d.add_argument("--model-dir", default=".cache/models/SmolLM2-135M-Instruct")
+    d.add_argument("--prompts", default=None, help="demo prompts JSONL (default: examples/demo_prompts.jsonl)")
+    d.add_argument("--prepare-only", action="store_true", help="only convert the model")
+    d.add_argument("--max-tokens", type=int, default=64)
+    return parser
+
+
+def cmd_generate(a) -> int:
+    from seesaw_mc.inputs import read_requests
+    from seesaw_mc.sampling_params import SamplingParams
+
+    defaults = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                              min_p=a.min_p, ignore_eos=a.ignore_eos)
+    # Cheap checks first: a bad input file fails before the model loads.
+    specs = read_requests(a.input, defaults)
+    out_dir = os.path.dirname(os.path.abspath(a.output))
+    if not os.path.isdir(out_dir):
+        raise SeesawError(f"output folder {out_dir!r} does not exist")
+
+    from seesaw_mc.api import LLM, run_engine
+    from seesaw_mc.inputs import output_record
+
+    t0 = time.perf_counter()
+    llm = LLM(a.model, **_engine_kwargs(a))
+    eng = llm.engine
+    tok = eng.tokenizer
+    by_id = {}
+    for spec in specs:
+        if spec.messages is not None:
+            ids = _chat_ids(tok, spec.messages, spec.line)
+        elif spec.prompt is not None:
+            ids = tok.encode(spec.prompt)
+        else:
+            ids = spec.prompt_token_ids
+        try:
+            spec.prompt_token_ids = eng.validate_prompt(spec.request_id, ids)
+        except SeesawError as e:
+            raise type(e)(f"line {spec.line}: {e}") from None
+        by_id[spec.request_id] = spec
+    for spec in specs:
+        eng.add_request(spec.request_id, spec.prompt_token_ids, spec.params, prompt=spec.prompt)
+    model_name = os.path.basename(os.path.normpath(a.model))
+    t_load = time.perf_counter() - t0
+    counts = {"requests": 0, "prompt": 0, "completion": 0}
+    t1 = time.perf_counter()
+    with open(a.output, "w", encoding="utf-8") as f:
+        def write(out):
+            rec = output_record(by_id[out.request_id], out, model_name)
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            counts["requests"] += 1
+            counts["prompt"] += out.usage["prompt_tokens"]
+            counts["completion"] += out.usage["completion_tokens"]
+
+        run_engine(eng, len(specs), use_tqdm=not a.no_tqdm and sys.stderr.isatty(), on_output=write)
+    el = time.perf_counter() - t1
+    print(f"Throughput: {counts['requests'] / el:.2f} requests/s, {(counts['prompt'] + counts['completion']) / el:.2f} "
+          f"total tokens/s, {counts['completion'] / el:.2f} output tokens/s "
+          f"({counts['requests']} requests in {el:.1f} s; model load {t_load:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _chat_ids(tok, messages, line):
+    if not getattr(tok, "chat_template", None):
+        raise SeesawError(f"line {line}: 'messages' given but the tokenizer has no chat template")
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def cmd_make_demo(a) -> int:
+    from seesaw_mc import demo
+
+    demo.prepare_model(a.model_dir)
+    if a.prepare_only:
+        return 0
+    demo.run_demo(a.model_dir, a.prompts, max_tokens=a.max_tokens)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    _quiet_libraries()
+    debug = os.environ.get("SEESAW_DEBUG") == "1"
+    try:
+        return {"generate": cmd_generate, "make-demo": cmd_make_demo}[a.command](a)
+    except SeesawError as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last line of defence: one line, not a traceback wall
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"{PROG}: internal error: {type(e).__name__}: {msg} (rerun with SEESAW_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,6 +1,8 @@
 """Device KV cache tensors, sized from a memory budget."""
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from typing import List, Tuple
 
@@ -39,6 +41,15 @@ def device_kv_budget(cache_cfg, device: torch.device) -> int:
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim]."""
-    cache = torch.zeros(num_layers, 2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    """Per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim], zero-filled."""
+    shape = (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
+    if device.type == "cpu":
+        # An anonymous mapping is zero-filled by the kernel page by page as it is touched, so
+        # a large cache costs nothing up front (torch.zeros would write every byte first).
+        # NOTE: zeros matter: decode reads padded slots (masked, weight 0); garbage could be NaN.
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        buf = mmap.mmap(-1, nbytes)
+        cache = torch.frombuffer(buf, dtype=dtype).view(shape)
+    else:
+        cache = torch.zeros(shape, dtype=dtype, device=device)
     return [(cache[i, 0], cache[i, 1]) for i in range(num_layers)]

@@ -1,0 +1,40 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or long tests (still run in CI)")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Random tiny checkpoints of each supported family, built with transformers."""
+    from tiny_models import build_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "llama": build_model("llama", str(root / "llama"), seed=1),
+        "mistral": build_model("mistral", str(root / "mistral"), seed=2),
+        # Qwen2 with QKV bias and tied embeddings (SmolLM2-style), MHA-free GQA 6/2.
+        "qwen2": build_model("qwen2", str(root / "qwen2"), heads=6, kv_heads=2, hidden=96, tied=True, seed=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    path = os.environ.get("SEESAW_DEMO_MODEL") or os.path.join(REPO, ".cache/models/SmolLM2-135M-Instruct")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        if os.environ.get("SEESAW_DEMO_MODEL"):
+            pytest.fail(f"demo model missing at {path} (make model)")
+        pytest.skip("demo model not prepared (run `make model`)")
+    return path
