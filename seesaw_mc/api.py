@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 from tqdm.auto import tqdm
 
 from seesaw_mc.config import EngineConfig
-from seesaw_mc.errors import InputError
+from seesaw_mc.errors import InputError, SeesawError
 from seesaw_mc.outputs import CompletionOutput, RequestOutput
 from seesaw_mc.sampling_params import SamplingParams
 
@@ -63,11 +63,17 @@ class LLM:
             rid = f"{self._next_id + i}"
             self.engine.validate_prompt(rid, ids)
             requests.append((rid, ids, params, text))
-        # Validate everything first: a bad prompt must not leave half a batch queued.
-        for rid, ids, params, text in requests:
-            self.engine.add_request(rid, ids, params, prompt=text)
         self._next_id += len(requests)
-        return self._run([r[0] for r in requests], use_tqdm)
+        eng = self.engine
+        if not eng.is_leader:
+            # Every rank runs the same script (torchrun); followers serve the leader's plans
+            # and return the same outputs.
+            return eng.worker_loop()
+        # Validated everything first: a bad prompt must not leave half a batch queued.
+        for rid, ids, params, text in requests:
+            eng.add_request(rid, ids, params, prompt=text)
+        outs = lead(eng, lambda: self._run([r[0] for r in requests], use_tqdm))
+        return outs
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> List[RequestOutput]:
@@ -83,6 +89,20 @@ class LLM:
         done: Dict[str, RequestOutput] = {}
         run_engine(self.engine, len(order), use_tqdm, lambda out: done.__setitem__(out.request_id, out))
         return [done[rid] for rid in order]
+
+
+def lead(engine, work: Callable[[], Any]):
+    """Leader: do the work, then release the followers with its result (or its error)."""
+    try:
+        result = work()
+    except SeesawError as e:
+        engine.finish_run(e)
+        raise
+    except BaseException as e:
+        engine.finish_run(SeesawError(f"the leader rank failed: {type(e).__name__}: {e}"))
+        raise
+    engine.finish_run(result if engine.runner.replica_size > 1 else None)
+    return result
 
 
 def run_engine(engine, total: int, use_tqdm: bool, on_output: Callable[[RequestOutput], None]) -> None:

@@ -38,10 +38,32 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    g.add_argument("--prefill-layout", default=None, help="tp2 | pp4 | tp2pp2 | dp2tp2pp1 (default tp1pp1)")
+    g.add_argument("--decode-layout", default=None, help="layout for decode (default: the prefill layout)")
+    g.add_argument("--layouts", default=None, help="paper notation: P4->T4, D2P4->D2T4, or one static layout")
+    g.add_argument("--decode-watermark", type=float, default=0.25)
+    g.add_argument("--nproc-per-node", type=int, default=None,
+                   help="launch this many ranks through torch's elastic launcher (torchrun)")
+
+
+def _layouts(a) -> dict:
+    from seesaw_mc.config import Layout
+
+    if a.layouts and (a.prefill_layout or a.decode_layout):
+        raise SeesawError("give either --layouts or --prefill-layout/--decode-layout, not both")
+    if a.layouts:
+        parts = a.layouts.split("->")
+        if len(parts) > 2:
+            raise SeesawError(f"invalid --layouts {a.layouts!r}: expected PREFILL->DECODE, e.g. P4->T4")
+        pre, dec = parts[0], parts[-1]
+    else:
+        pre = a.prefill_layout or a.decode_layout or "tp1"
+        dec = a.decode_layout or pre
+    return {"prefill_layout": Layout.parse(pre), "decode_layout": Layout.parse(dec)}
 
 
 def _engine_kwargs(a) -> dict:
-    return dict(dtype=a.dtype, seed=a.seed, max_model_len=a.max_model_len, block_size=a.block_size,
+    return dict(**_layouts(a), decode_watermark=a.decode_watermark, dtype=a.dtype, seed=a.seed, max_model_len=a.max_model_len, block_size=a.block_size,
                 num_device_blocks=a.num_device_blocks, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
 
@@ -85,7 +107,7 @@ def cmd_generate(a) -> int:
     if not os.path.isdir(out_dir):
         raise SeesawError(f"output folder {out_dir!r} does not exist")
 
-    from seesaw_mc.api import LLM, run_engine
+    from seesaw_mc.api import LLM, lead, run_engine
     from seesaw_mc.inputs import output_record
 
     t0 = time.perf_counter()
@@ -105,6 +127,9 @@ def cmd_generate(a) -> int:
         except SeesawError as e:
             raise type(e)(f"line {spec.line}: {e}") from None
         by_id[spec.request_id] = spec
+    if not eng.is_leader:
+        eng.worker_loop()
+        return 0
     for spec in specs:
         eng.add_request(spec.request_id, spec.prompt_token_ids, spec.params, prompt=spec.prompt)
     model_name = os.path.basename(os.path.normpath(a.model))
@@ -120,7 +145,8 @@ def cmd_generate(a) -> int:
             counts["prompt"] += out.usage["prompt_tokens"]
             counts["completion"] += out.usage["completion_tokens"]
 
-        run_engine(eng, len(specs), use_tqdm=not a.no_tqdm and sys.stderr.isatty(), on_output=write)
+        lead(eng, lambda: run_engine(eng, len(specs), use_tqdm=not a.no_tqdm and sys.stderr.isatty(),
+                                     on_output=write))
     el = time.perf_counter() - t1
     print(f"Throughput: {counts['requests'] / el:.2f} requests/s, {(counts['prompt'] + counts['completion']) / el:.2f} "
           f"total tokens/s, {counts['completion'] / el:.2f} output tokens/s "
@@ -144,11 +170,35 @@ def cmd_make_demo(a) -> int:
     return 0
 
 
+def relaunch(nproc: int, argv) -> int:
+    """Start `nproc` ranks of this same command through torch's elastic launcher."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    child = [a for i, a in enumerate(argv) if not a.startswith("--nproc-per-node")
+             and not (i > 0 and argv[i - 1] == "--nproc-per-node")]
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    try:
+        elastic_launch(cfg, entrypoint=sys.executable)("-m", "seesaw_mc", *child)
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        return next((c for c in codes if c and c > 0), 1)  # the ranks printed their own error lines
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     a = parser.parse_args(argv)
     _quiet_libraries()
     debug = os.environ.get("SEESAW_DEBUG") == "1"
+    if getattr(a, "nproc_per_node", None) and "LOCAL_RANK" not in os.environ:
+        return relaunch(a.nproc_per_node, argv)
     try:
         return {"generate": cmd_generate, "make-demo": cmd_make_demo}[a.command](a)
     except SeesawError as e:

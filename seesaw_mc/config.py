@@ -59,8 +59,8 @@ class CacheConfig:
     """KV budget in bytes on the compute device. None: a fraction of free memory (see below)."""
     device_memory_fraction: float = 0.9
     """CUDA: fraction of total GPU memory the process may use, weights included (vLLM's
-    gpu_memory_utilization). CPU: fraction of available RAM per local rank, capped at 4 GiB,
-    because the CPU 'device' shares RAM with everything else."""
+    gpu_memory_utilization). CPU: the KV budget is min(1 GiB, fraction x available RAM / 4),
+    split among the ranks of the node, because the CPU 'device' shares RAM with everything."""
 
 
 @dataclass
@@ -72,6 +72,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096
     """Prefill token budget per step (the paper's artifact used 4096). A single prompt longer
     than this is still admitted, alone."""
+    decode_watermark: float = 0.25
+    """Only when prefill and decode layouts differ: once decoding, stay in decode until the
+    running batch falls to this fraction of its size at the start of the decode phase (or
+    empties), so that layout transitions stay few."""
 
 
 @dataclass
@@ -88,6 +92,8 @@ class EngineConfig:
     """Engine seed: requests without their own `seed` derive a per-request seed from it."""
     max_model_len: Optional[int] = None
     """Longest prompt + output. None: the model's max_position_embeddings (and sliding window)."""
+    collective_timeout_s: float = 600.0
+    """Timeout of torch.distributed collectives: a dead or hung rank fails the job after this."""
     prefill_layout: Layout = field(default_factory=Layout)
     """Layout used for prefill."""
     decode_layout: Layout = field(default_factory=Layout)
@@ -104,6 +110,7 @@ class EngineConfig:
         "gpu_memory_utilization": ("cache", "device_memory_fraction"),
         "max_num_seqs": ("scheduler", "max_num_seqs"),
         "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
+        "decode_watermark": ("scheduler", "decode_watermark"),
     }
 
     @classmethod
@@ -144,6 +151,8 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs must be a positive integer (got {s.max_num_seqs!r})")
         if not isinstance(s.max_num_batched_tokens, int) or s.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be a positive integer (got {s.max_num_batched_tokens!r})")
+        if not 0.0 <= s.decode_watermark <= 1.0:
+            raise ConfigError(f"decode_watermark must be in [0, 1] (got {s.decode_watermark!r})")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ConfigError(f"max_model_len must be an integer >= 2 (got {self.max_model_len!r})")
         if self.prefill_layout.dp != self.decode_layout.dp:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence as Seq
 import torch
 
 from seesaw_mc.config import EngineConfig
-from seesaw_mc.errors import CapacityError, ConfigError, InputError, ModelError
+from seesaw_mc.errors import CapacityError, ConfigError, InputError, ModelError, SeesawError
 from seesaw_mc.kv.block_manager import BlockManager
 from seesaw_mc.model.hf_import import ModelArgs, load_model_args
 from seesaw_mc.outputs import CompletionOutput, RequestOutput
@@ -19,6 +20,7 @@ from seesaw_mc.sampling import Sampler, step_seed
 from seesaw_mc.sampling_params import SamplingParams
 from seesaw_mc.scheduler import Phase, Scheduler
 from seesaw_mc.sequence import Sequence
+from seesaw_mc.step_plan import PlanBuilder, SequenceMirror, StepPlan
 
 log = logging.getLogger("seesaw_mc")
 
@@ -79,16 +81,37 @@ class EngineStats:
         }
 
 
+def check_layouts(config: EngineConfig, args: ModelArgs) -> None:
+    """Reject layouts the model or the launch cannot run, before any collective (so every
+    rank fails alike, at once, with the same line)."""
+    for role, lay in (("prefill", config.prefill_layout), ("decode", config.decode_layout)):
+        if args.num_heads % lay.tp or args.num_kv_heads % lay.tp:
+            raise ConfigError(f"{role} layout {lay}: tp={lay.tp} must divide the model's {args.num_heads} attention "
+                              f"heads and {args.num_kv_heads} KV heads")
+        if lay.pp > args.num_layers:
+            raise ConfigError(f"{role} layout {lay}: pp={lay.pp} exceeds the model's {args.num_layers} layers")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != config.world_size:
+        raise ConfigError(f"layouts {config.prefill_layout} -> {config.decode_layout} need {config.world_size} ranks "
+                          f"but {world} were launched")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    replica = config.prefill_layout.tp * config.prefill_layout.pp
+    if config.prefill_layout != config.decode_layout and replica > local:
+        raise ConfigError(f"switching layouts needs each DP replica ({replica} ranks) on one node "
+                          f"({local} ranks per node here): KV moves through node-local shared memory")
+
+
 class LLMEngine:
+    """Every rank builds one; the leader of each DP replica schedules and the others follow
+    its step plans (worker_loop)."""
+
     def __init__(self, config: EngineConfig):
         from seesaw_mc.model_runner import ModelRunner
         from seesaw_mc.parallel import megatron_adapter as mc
 
         self.config = config
-        if config.world_size != 1:
-            raise ConfigError(f"layout {config.prefill_layout} -> {config.decode_layout} needs "
-                              f"{config.world_size} ranks; this engine build runs one rank")
         self.args = args = load_model_args(config.model)
+        check_layouts(config, args)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.dtype = resolve_dtype(config.dtype, args, mc.HAS_CUDA)
         self.eos_token_ids = set(args.eos_token_ids)
@@ -101,7 +124,9 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ConfigError(f"max_model_len {config.max_model_len} exceeds the model's context of {limit} tokens")
         max_len = config.max_model_len or limit
-        self.runner = ModelRunner(config, args, self.dtype, max_len)
+        mc.init_distributed(timeout_s=config.collective_timeout_s)
+        layouts = {"prefill": config.prefill_layout, "decode": config.decode_layout}
+        self.runner = ModelRunner(config, args, self.dtype, max_len, layouts)
         bs = config.cache.block_size
         capacity = self.runner.num_blocks * bs
         if capacity < max_len:
@@ -112,11 +137,20 @@ class LLMEngine:
             log.info("max_model_len capped to the KV cache capacity: %d tokens", capacity)
             max_len = capacity
         self.max_model_len = max_len
+        self.is_leader = self.runner.is_leader
         self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, bs), config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens)
-        self.sampler = Sampler()
+                                   config.scheduler.max_num_batched_tokens,
+                                   decode_watermark=config.scheduler.decode_watermark if self.runner.switching
+                                   else None)
+        self.plans = PlanBuilder()
+        self.mirror = SequenceMirror()
         self.requests: Dict[Any, _Request] = {}
         self.stats = EngineStats()
+        self.runner.activate("prefill")
+
+    @property
+    def transitions(self) -> List[dict]:
+        return self.runner.transitions
 
     # -- requests ---------------------------------------------------------------------
     def add_request(self, request_id, prompt_token_ids: Seq[int], params: SamplingParams,
@@ -153,13 +187,21 @@ class LLMEngine:
 
     # -- one step -----------------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
+        """Leader: schedule, tell the replica, run the phase, sample, collect finished requests."""
         out = self.scheduler.schedule()
         self.stats.preemptions += len(out.preempted)
+        for s in out.preempted:
+            self.plans.forget(s)
         if not out.seqs:
             return []
+        layout = "prefill" if out.phase is Phase.PREFILL else "decode"
+        plan = self.plans.build(out.phase.value, layout, out.seqs)
+        if layout != self.runner.active and self.runner.switching:
+            fresh = {s.seq_id for s in out.seqs} if out.phase is Phase.PREFILL else set()
+            plan.kv_blocks = [b for s in self.scheduler.running if s.seq_id not in fresh for b in s.block_table]
+        self.runner.broadcast_plan(plan)
         t0 = time.perf_counter()
-        logits = self.runner.execute(out)
-        tokens, logprobs = self.sampler(logits, out.seqs)
+        tokens, logprobs = self._run_plan(plan, out.seqs)
         dt = time.perf_counter() - t0
         self.stats.steps[out.phase.value] += 1
         if out.phase is Phase.PREFILL:
@@ -177,10 +219,31 @@ class LLMEngine:
                 seq.logprobs.append(lp[1])
             if self._check_stop(seq, tok):
                 self.scheduler.finish(seq)
+                self.plans.forget(seq)
                 req = self.requests[seq.request_id]
                 if all(s.is_finished for s in req.seqs):
                     finished.append(self._make_output(self.requests.pop(seq.request_id)))
         return finished
+
+    def _run_plan(self, plan: StepPlan, seqs):
+        if plan.layout != self.runner.active:
+            self.runner.activate(plan.layout, plan.kv_blocks)
+        return self.runner.execute(plan.kind == "prefill", seqs)
+
+    def worker_loop(self):
+        """Non-leader ranks: follow the leader's plans until it says stop; returns its payload."""
+        while True:
+            plan = self.runner.broadcast_plan()
+            if plan.kind == "stop":
+                if isinstance(plan.payload, SeesawError):
+                    raise plan.payload
+                return plan.payload
+            self._run_plan(plan, self.mirror.apply(plan))
+
+    def finish_run(self, payload=None):
+        """Leader: release the workers from worker_loop, handing them `payload`."""
+        self.runner.broadcast_plan(StepPlan("stop", payload=payload))
+        return payload
 
     def _check_stop(self, seq: Sequence, tok: int) -> bool:
         p = seq.params

@@ -1,93 +1,255 @@
-"""ModelRunner: owns the model shard and the device KV cache; turns a scheduled batch into
-tensors, runs one phase and returns logits."""
+"""ModelRunner: one rank's model shards (one per layout), its device KV memory, and the
+execution of a step: micro-batches through the pipeline stages, logits, sampling."""
 from __future__ import annotations
 
+import json
 import logging
-from typing import List
+import os
+import time
+import uuid
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
-from seesaw_mc.kv.paged_cache import allocate_kv_cache, bytes_per_block, device_kv_budget
+from seesaw_mc.config import Layout
+from seesaw_mc.errors import CapacityError
+from seesaw_mc.kv.host_tier import HostKVBuffer, unlink_quietly
+from seesaw_mc.kv.paged_cache import DeviceKVBuffer, bytes_per_block, device_kv_budget
 from seesaw_mc.model.attention import AttnMetadata, set_attn_metadata
 from seesaw_mc.model.hf_import import ModelArgs, iter_megatron_tensors
 from seesaw_mc.model.llama import CausalLM
 from seesaw_mc.parallel import megatron_adapter as mc
-from seesaw_mc.scheduler import Phase, SchedulerOutput
+from seesaw_mc.reshard import MasterWeights, shm_dir
+from seesaw_mc.sampling import Sampler
 
 log = logging.getLogger("seesaw_mc")
 
 
+def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
+    """Contiguous micro-batches, balanced by tokens (prefill) or count (decode)."""
+    n = max(1, min(n, len(seqs)))
+    if n == 1:
+        return [seqs]
+    weights = [len(s) if by_tokens else 1 for s in seqs]
+    total, out, cur, acc = sum(weights), [], [], 0
+    for s, w in zip(seqs, weights):
+        cur.append(s)
+        acc += w
+        if len(out) < n - 1 and acc >= total * (len(out) + 1) / n:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
 class ModelRunner:
-    def __init__(self, config, args: ModelArgs, dtype: torch.dtype, max_model_len: int):
+    def __init__(self, config, args: ModelArgs, dtype: torch.dtype, max_model_len: int, layouts: Dict[str, Layout]):
         self.config = config
         self.args = args
         self.dtype = dtype
         self.device = mc.default_device()
         self.block_size = config.cache.block_size
-        mc.initialize_model_parallel()
-        self.model = CausalLM(args, dtype, self.device, max_len=max_model_len, tp_group=mc.tp_group())
-        self.model.load_full_tensors(iter_megatron_tensors(config.model, args))
-        self.model.eval()
-        self.num_blocks = self._num_blocks(max_model_len)
-        self.kv_cache = allocate_kv_cache(len(self.model.decoder.layers), self.num_blocks, self.block_size,
-                                          args.num_kv_heads // self.model.tp_size, args.head_dim, dtype, self.device)
-        for layer, kv in zip(self.model.decoder.layers, self.kv_cache):
-            layer.self_attention.kv_cache = kv
+        self.rank = dist.get_rank()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        p2p_cfg = mc.transformer_config(args, dtype)
+        distinct = {str(lay): lay for lay in layouts.values()}
+        groups = mc.build_layout_groups(distinct, args.num_layers, p2p_cfg)
+        self.groups = {name: groups[str(lay)] for name, lay in layouts.items()}
+        self.models = {}
+        for key, g in groups.items():
+            self.models[key] = CausalLM(args, dtype, self.device, max_len=max_model_len, tp_group=g.tp_group,
+                                        layer_start=g.layer_start, layer_end=g.layer_end)
+        self.models = {name: self.models[str(lay)] for name, lay in layouts.items()}
+        first = self.groups["prefill"]
+        self.replica_group = first.pgs.mp
+        self.leader_rank = first.dp_rank * first.layout.tp * first.layout.pp
+        self.is_leader = self.rank == self.leader_rank
+        self.replica_size = first.layout.tp * first.layout.pp
+        self._job = self._job_id()
+        self.master = self._open_master()
+        self.num_blocks, self.kv_buffer = self._allocate_kv(max_model_len)
+        self.kv_views = {}
+        for name, g in self.groups.items():
+            views = self.kv_buffer.views(g.layer_end - g.layer_start, self.num_blocks, self.block_size,
+                                         args.num_kv_heads // g.layout.tp, args.head_dim, dtype)
+            self.kv_views[name] = views
+            for layer, kv in zip(self.models[name].decoder.layers, views.layers):
+                layer.self_attention.kv_cache = kv
+        self.switching = len(distinct) > 1
+        self.host_kv = self._open_host_kv() if self.switching else None
+        self.sampler = Sampler()
+        self.active: Optional[str] = None
+        self.transitions: List[dict] = []
 
-    def _num_blocks(self, max_model_len: int) -> int:
+    # -- start-up -----------------------------------------------------------------------
+    def _job_id(self) -> str:
+        obj = [uuid.uuid4().hex[:12] if self.rank == 0 else None]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(obj, src=0)
+        return obj[0]
+
+    def _node_barrier(self) -> None:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+
+    def _open_master(self) -> MasterWeights:
+        """Local rank 0 converts the checkpoint once per node; every rank maps the result."""
+        path = os.path.join(shm_dir(), f"seesaw-{self._job}-weights-{os.environ.get('GROUP_RANK', '0')}")
+        try:
+            if self.local_rank == 0:
+                index = MasterWeights.write(path, iter_megatron_tensors(self.config.model, self.args), self.dtype)
+                with open(path + ".json", "w") as f:
+                    json.dump(index, f)
+            self._node_barrier()
+            with open(path + ".json") as f:
+                master = MasterWeights.open(path, json.load(f))
+            self._node_barrier()
+        finally:
+            if self.local_rank == 0:
+                # Mapped everywhere now: nothing is left behind in /dev/shm, even after a crash.
+                unlink_quietly(path)
+                unlink_quietly(path + ".json")
+        return master
+
+    def _allocate_kv(self, max_model_len: int) -> Tuple[int, DeviceKVBuffer]:
         c = self.config.cache
+        per_block = {n: bytes_per_block(g.layer_end - g.layer_start, self.block_size,
+                                        self.args.num_kv_heads // g.layout.tp, self.args.head_dim, self.dtype)
+                     for n, g in self.groups.items()}
         if c.num_device_blocks is not None:
-            return c.num_device_blocks
-        per_block = bytes_per_block(len(self.model.decoder.layers), self.block_size,
-                                    self.args.num_kv_heads // self.model.tp_size, self.args.head_dim, self.dtype)
-        budget = device_kv_budget(c, self.device)
-        # No use holding more than every allowed sequence at full length.
-        most = self.config.scheduler.max_num_seqs * (-(-max_model_len // self.block_size))
-        n = min(budget // per_block, most)
-        if n < 1:
-            from seesaw_mc.errors import CapacityError
+            n = c.num_device_blocks
+        else:
+            budget = device_kv_budget(c, self.device)
+            most = self.config.scheduler.max_num_seqs * (-(-max_model_len // self.block_size))
+            n = min(min(budget // b for b in per_block.values()), most)
+            if dist.get_world_size() > 1:
+                t = torch.tensor([n], dtype=torch.long)
+                dist.all_reduce(t, op=dist.ReduceOp.MIN)
+                n = int(t.item())
+            if n < 1:
+                raise CapacityError(f"KV cache budget of {budget} bytes holds no {self.block_size}-token block "
+                                    f"({max(per_block.values())} bytes each); raise kv_cache_memory_bytes")
+        return n, DeviceKVBuffer(n * max(per_block.values()), self.device)
 
-            raise CapacityError(f"KV cache budget of {budget} bytes holds no {self.block_size}-token block "
-                                f"({per_block} bytes each); raise kv_cache_memory_bytes")
-        return int(n)
+    def _open_host_kv(self) -> HostKVBuffer:
+        lay = self.groups["prefill"].layout
+        shape = HostKVBuffer.shape(lay.dp, self.args.num_layers, self.args.num_kv_heads, self.num_blocks,
+                                   self.block_size, self.args.head_dim)
+        path = os.path.join(shm_dir(), f"seesaw-{self._job}-kv-{os.environ.get('GROUP_RANK', '0')}")
+        try:
+            if self.local_rank == 0:
+                HostKVBuffer.open(path, shape, self.dtype, 0, create=True)
+            self._node_barrier()
+            buf = HostKVBuffer.open(path, shape, self.dtype, self.groups["prefill"].dp_rank, create=False)
+            self._node_barrier()
+        finally:
+            if self.local_rank == 0:
+                unlink_quietly(path)
+        return buf
 
-    def _slots(self, seq, start: int, end: int) -> List[int]:
-        bs, bt = self.block_size, seq.block_table
-        return [bt[p // bs] * bs + p % bs for p in range(start, end)]
+    # -- transitions ------------------------------------------------------------------------
+    def activate(self, name: str, kv_blocks: Optional[List[int]] = None) -> dict:
+        """Switch to layout `name`: its process groups, its weight shards, and the KV of the
+        resident sequences (through the host buffer). Collective over the replica."""
+        old = self.active
+        t0 = time.perf_counter()
+        g_new = self.groups[name]
+        t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
+        moved = old is not None and self.models[old] is not self.models[name]
+        blocks = torch.tensor(kv_blocks or [], dtype=torch.long, device=self.device)
+        t1 = time.perf_counter()
+        if moved and blocks.numel():
+            g_old = self.groups[old]
+            self.host_kv.stage_out(self.kv_views[old], g_old.layer_start,
+                                   g_old.tp_rank * self.kv_views[old].num_kv_heads, blocks)
+            dist.barrier(group=self.replica_group)
+        t_kv_out = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        if old is None or moved:
+            if moved:
+                self.models[old].release_weights()
+            self.models[name].load_full_tensors(self.master.tensors())
+        t_weights = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        if moved and blocks.numel():
+            self.host_kv.stage_in(self.kv_views[name], g_new.layer_start,
+                                  g_new.tp_rank * self.kv_views[name].num_kv_heads, blocks)
+            dist.barrier(group=self.replica_group)
+        t_kv_in = time.perf_counter() - t3
+        self.active = name
+        rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": t_weights,
+               "kv_s": t_kv_out + t_kv_in, "kv_blocks": int(blocks.numel()), "total_s": time.perf_counter() - t0}
+        if old is not None and moved:
+            self.transitions.append(rec)
+        return rec
 
-    def prepare(self, out: SchedulerOutput) -> tuple:
-        dev = self.device
-        if out.phase is Phase.PREFILL:
+    # -- one step ---------------------------------------------------------------------------
+    def _prepare(self, is_prefill: bool, seqs) -> tuple:
+        dev, bs = self.device, self.block_size
+        if is_prefill:
             ids, pos, slots, cu = [], [], [], [0]
-            for s in out.seqs:
-                n = len(s)
+            for s in seqs:
+                n, bt = len(s), s.block_table
                 ids.extend(s.token_ids)
                 pos.extend(range(n))
-                slots.extend(self._slots(s, 0, n))
+                slots.extend(bt[p // bs] * bs + p % bs for p in range(n))
                 cu.append(cu[-1] + n)
-            meta = AttnMetadata(
-                True, torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), cu_seqlens=cu,
-                logits_indices=torch.tensor(cu[1:], device=dev) - 1)
+            meta = AttnMetadata(True, torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), cu_seqlens=cu,
+                                logits_indices=torch.tensor(cu[1:], device=dev) - 1)
         else:
-            ids = [s.last_token for s in out.seqs]
-            lens = [len(s) for s in out.seqs]
-            width = max(len(s.block_table) for s in out.seqs)
-            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in out.seqs]
-            meta = AttnMetadata(
-                False, torch.tensor([n - 1 for n in lens], device=dev),
-                torch.tensor([self._slots(s, n - 1, n)[0] for s, n in zip(out.seqs, lens)], device=dev),
-                block_tables=torch.tensor(tables, device=dev), context_lens=torch.tensor(lens, device=dev))
+            ids = [s.last_token for s in seqs]
+            lens = [len(s) for s in seqs]
+            width = max(len(s.block_table) for s in seqs)
+            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+            slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, lens)]
+            meta = AttnMetadata(False, torch.tensor([n - 1 for n in lens], device=dev),
+                                torch.tensor(slots, device=dev), block_tables=torch.tensor(tables, device=dev),
+                                context_lens=torch.tensor(lens, device=dev))
         return torch.tensor(ids, device=dev), meta
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Run one phase for the scheduled sequences; fp32 logits [num_seqs, vocab]."""
-        input_ids, meta = self.prepare(out)
-        set_attn_metadata(meta)
+    def execute(self, is_prefill: bool, seqs) -> Optional[tuple]:
+        """Run one phase over `seqs` in the active layout. The leader gets (tokens, logprobs);
+        other ranks get None."""
+        g = self.groups[self.active]
+        model = self.models[self.active]
+        results = []
         try:
-            hidden = self.model(input_ids)
-            if meta.logits_indices is not None:
-                hidden = hidden.index_select(0, meta.logits_indices)
-            return self.model.compute_logits(hidden)
+            for mb in split_microbatches(seqs, g.layout.pp, by_tokens=is_prefill):
+                input_ids, meta = self._prepare(is_prefill, mb)
+                set_attn_metadata(meta)
+                hidden = None if g.is_first_stage else g.recv_forward((input_ids.numel(), self.args.hidden_size))
+                h = model(input_ids, hidden)
+                if not g.is_last_stage:
+                    g.send_forward(h)
+                    continue
+                if meta.logits_indices is not None:
+                    h = h.index_select(0, meta.logits_indices)
+                logits = model.compute_logits(h)
+                if g.tp_rank == 0:
+                    results.append(self.sampler(logits, mb))
         finally:
             set_attn_metadata(None)
+        out = None
+        if results:
+            out = ([t for r in results for t in r[0]], [lp for r in results for lp in r[1]])
+        sampler = g.sampler_rank
+        if sampler != self.leader_rank:
+            if self.rank == sampler:
+                dist.send_object_list([out], dst=self.leader_rank)
+                return None
+            if self.is_leader:
+                box = [None]
+                dist.recv_object_list(box, src=sampler)
+                return box[0]
+        return out if self.is_leader else None
+
+    def broadcast_plan(self, plan=None):
+        """Leader -> every rank of the replica."""
+        if self.replica_size == 1:
+            return plan
+        box = [plan]
+        dist.broadcast_object_list(box, src=self.leader_rank, group=self.replica_group)
+        return box[0]

@@ -6,6 +6,9 @@ the rules again with the new (tp_rank, tp_size): see `shard_tensor`.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+
 import torch
 
 
@@ -55,3 +58,51 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, num_
     if name.endswith("layernorm.weight"):
         return full
     raise KeyError(f"no sharding rule for {name}")
+
+
+class MasterWeights:
+    """The host master copy: full Megatron-named tensors in one file per node, mapped shared.
+
+    Local rank 0 of each node converts the checkpoint once into a flat file under /dev/shm;
+    every rank on the node maps it (MAP_SHARED), so N ranks hold the weights once, not N
+    times. Shards are views into the mapping wherever the slice is a strided view of the full
+    tensor (everything but linear_fc1 under TP > 1), so a re-shard moves few bytes. The file
+    is unlinked as soon as every local rank has mapped it: nothing is left in /dev/shm, even
+    after a crash.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, index: dict, buf: torch.Tensor):
+        self.index = index
+        self._buf = buf
+        self.nbytes = buf.numel()
+
+    def tensors(self):
+        for name, (dtype, shape, off, n) in self.index.items():
+            yield name, self._buf[off:off + n].view(getattr(torch, dtype)).view(shape)
+
+    @staticmethod
+    def write(path: str, tensors, dtype: torch.dtype) -> dict:
+        index, off = {}, 0
+        with open(path, "wb") as f:
+            for name, t in tensors:
+                t = t.to(dtype).contiguous()
+                raw = t.view(torch.uint8).reshape(-1)
+                pad = (-off) % MasterWeights.ALIGN
+                f.write(b"\0" * pad)
+                off += pad
+                f.write(raw.numpy().data)
+                index[name] = (str(dtype).replace("torch.", ""), list(t.shape), off, raw.numel())
+                off += raw.numel()
+        return index
+
+    @classmethod
+    def open(cls, path: str, index: dict) -> "MasterWeights":
+        size = os.path.getsize(path)
+        buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        return cls(index, buf)
+
+
+def shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()

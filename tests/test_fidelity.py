@@ -80,8 +80,8 @@ def test_bfloat16_runs_close_to_fp32(tiny_models):
     p = SamplingParams(temperature=0, max_tokens=8)
     f32 = LLM(path, dtype="float32").generate([{"prompt_token_ids": x} for x in prompts], p, use_tqdm=False)
     llm16 = LLM(path, dtype="bfloat16")
-    assert llm16.engine.runner.model.decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
-    assert llm16.engine.runner.kv_cache[0][0].dtype == torch.bfloat16
+    assert llm16.engine.runner.models["decode"].decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
+    assert llm16.engine.runner.kv_views["decode"].layers[0][0].dtype == torch.bfloat16
     b16 = llm16.generate([{"prompt_token_ids": x} for x in prompts], p, use_tqdm=False)
     # bf16 rounding may flip a late token; the first tokens agree.
     assert [o.outputs[0].token_ids[:1] for o in b16] == [o.outputs[0].token_ids[:1] for o in f32]

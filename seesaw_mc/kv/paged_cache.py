@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
@@ -36,20 +37,36 @@ def device_kv_budget(cache_cfg, device: torch.device) -> int:
         used = total - free
         # Leave 10% of what remains for activations and the allocator's slack.
         return max(0, int((total * cache_cfg.device_memory_fraction - used) * 0.9))
-    return int(min(4 * _GiB, cache_cfg.device_memory_fraction * available_host_bytes() / 4 / local_ranks))
+    # The CPU "device" shares RAM with the weights, the host tier and everything else.
+    return int(min(1 * _GiB, cache_cfg.device_memory_fraction * available_host_bytes() / 4) / local_ranks)
 
 
-def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                      dtype: torch.dtype, device: torch.device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim], zero-filled."""
-    shape = (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
-    if device.type == "cpu":
-        # An anonymous mapping is zero-filled by the kernel page by page as it is touched, so
-        # a large cache costs nothing up front (torch.zeros would write every byte first).
-        # NOTE: zeros matter: decode reads padded slots (masked, weight 0); garbage could be NaN.
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        buf = mmap.mmap(-1, nbytes)
-        cache = torch.frombuffer(buf, dtype=dtype).view(shape)
-    else:
-        cache = torch.zeros(shape, dtype=dtype, device=device)
-    return [(cache[i, 0], cache[i, 1]) for i in range(num_layers)]
+@dataclass
+class KVCacheViews:
+    """One layout's view of a rank's KV buffer: per local layer (k, v), each
+    [num_blocks, block_size, kv_heads, head_dim]."""
+
+    layers: List[Tuple[torch.Tensor, torch.Tensor]]
+    num_kv_heads: int
+
+
+class DeviceKVBuffer:
+    """A rank's device KV memory: one flat buffer, viewed in the shape of whichever layout is
+    active. Block ids mean the same in every layout, so the block manager never changes."""
+
+    def __init__(self, nbytes: int, device: torch.device):
+        if device.type == "cpu":
+            # An anonymous mapping is zero-filled by the kernel page by page as it is touched,
+            # so a large cache costs nothing up front (torch.zeros would write every byte).
+            # NOTE: zeros matter: decode reads padded slots (masked, weight 0); garbage could be NaN.
+            self._mmap = mmap.mmap(-1, max(nbytes, 1))
+            self.buf = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        else:
+            self.buf = torch.zeros(max(nbytes, 1), dtype=torch.uint8, device=device)
+
+    def views(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+              dtype: torch.dtype) -> KVCacheViews:
+        shape = (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        cache = self.buf[:n].view(dtype).view(shape)
+        return KVCacheViews([(cache[i, 0], cache[i, 1]) for i in range(num_layers)], kv_heads)

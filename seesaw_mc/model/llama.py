@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -133,12 +133,16 @@ class CausalLM(MegatronModule):
         if self.pre_process:
             self.embedding = Embedding(config, vocab, tp_group)
         self.decoder = Decoder(config, args, tp_group, layer_start, self.layer_end, self.post_process)
+        # Tied embeddings: the output layer reuses the embedding, unless this last stage has
+        # none (pipeline parallel), in which case it holds its own copy, as Megatron does.
+        self.shares_embedding = args.tie_word_embeddings and self.pre_process
         if self.post_process:
-            tied = args.tie_word_embeddings
             self.output_layer = ColumnParallelLinear(
                 args.hidden_size, vocab, config=config, init_method=_no_init, bias=False, gather_output=True,
-                skip_weight_param_allocation=tied, tp_group=tp_group)
+                skip_weight_param_allocation=self.shares_embedding, tp_group=tp_group)
         self.register_buffer("rope", mc.rotary_table(args, max_len, device), persistent=False)
+        self._param_shapes = {n: tuple(p.shape) for n, p in self.named_parameters()}
+        self.release_weights()  # megatron allocated placeholders; shards come from the master copy
 
     @torch.inference_mode()
     def forward(self, input_ids: Optional[torch.Tensor], hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -154,38 +158,46 @@ class CausalLM(MegatronModule):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + output layer on the selected rows -> fp32 logits [N, vocab]."""
         x = self.decoder.final_layernorm(hidden)
-        weight = self.embedding.word_embeddings.weight if self.args.tie_word_embeddings else None
+        weight = self.embedding.word_embeddings.weight if self.shares_embedding else None
         logits, _ = self.output_layer(x, weight=weight)
         return logits[:, : self.vocab_size].float()
 
-    def local_name(self, name: str) -> Optional[str]:
-        """Megatron global name -> this stage's parameter name (None if another stage owns it)."""
+    def local_names(self, name: str) -> List[str]:
+        """Megatron global name -> this stage's parameter names (empty if another stage owns it)."""
         if name.startswith("decoder.layers."):
             i = int(name.split(".")[2])
             if not self.layer_start <= i < self.layer_end:
-                return None
-            return f"decoder.layers.{i - self.layer_start}." + name.split(".", 3)[3]
-        if name.startswith("embedding."):
-            return name if self.pre_process else None
+                return []
+            return [f"decoder.layers.{i - self.layer_start}." + name.split(".", 3)[3]]
+        if name == "embedding.word_embeddings.weight":
+            out = [name] if self.pre_process else []
+            if self.args.tie_word_embeddings and self.post_process and not self.pre_process:
+                out.append("output_layer.weight")
+            return out
         if name.startswith(("decoder.final_layernorm", "output_layer")):
-            return name if self.post_process else None
+            return [name] if self.post_process else []
         raise KeyError(name)
+
+    def release_weights(self) -> None:
+        """Drop this layout's shards (views of the master copy cost nothing; copies are freed)."""
+        empty = torch.empty(0, dtype=self.config.params_dtype, device=self.rope.device)
+        for p in self.parameters():
+            p.data = empty
 
     def load_full_tensors(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Take this rank's shard of every full Megatron-named tensor (views where possible)."""
         params: Dict[str, nn.Parameter] = dict(self.named_parameters())
         loaded = set()
         for name, full in tensors:
-            local = self.local_name(name)
-            if local is None:
-                continue
-            shard = shard_tensor(name, full, self.tp_rank, self.tp_size, self.args.num_kv_heads)
-            p = params[local]
-            if tuple(p.shape) != tuple(shard.shape):
-                raise ValueError(f"{name}: shard shape {tuple(shard.shape)} != parameter {tuple(p.shape)}")
-            p.data = shard.to(device=self.rope.device, dtype=p.dtype)
-            p.requires_grad_(False)
-            loaded.add(local)
+            for local in self.local_names(name):
+                rule = "output_layer.weight" if local == "output_layer.weight" else name
+                shard = shard_tensor(rule, full, self.tp_rank, self.tp_size, self.args.num_kv_heads)
+                p = params[local]
+                if tuple(shard.shape) != self._param_shapes[local]:
+                    raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {self._param_shapes[local]}")
+                p.data = shard.to(device=self.rope.device, dtype=self.config.params_dtype)
+                p.requires_grad_(False)
+                loaded.add(local)
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"weights missing for {missing[:3]}")

@@ -7,9 +7,11 @@ applied here and only here.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,9 @@ import torch.nn.functional as F
 # megatron-core warns about optional extras (TE, apex, nvidia-modelopt) at import time.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from megatron.core import parallel_state
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -58,12 +62,16 @@ def transformer_config(args, params_dtype: torch.dtype, tp_size: int = 1, pp_siz
         perform_initialization=False,
         use_cpu_initialization=on_cpu,
         # Fusions need CUDA kernels (TE/apex/triton); on CPU they are turned off.
-        bias_activation_fusion=False if on_cpu else False,
+        bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         bias_dropout_fusion=False,
+        # Inference pipelines send activations of varying token counts; the receiver knows
+        # each shape from the step plan, so no shape exchange is needed.
+        variable_seq_lengths=False,
+        batch_p2p_comm=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
@@ -82,33 +90,113 @@ def rotary_table(args, max_len: int, device: torch.device) -> torch.Tensor:
 
 def apply_rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate t [tokens, 1, heads, head_dim] by per-token angles freqs [tokens, 1, 1, head_dim]."""
-    # apply_rotary_pos_emb() asks parallel_state for a context-parallel group even when
+    # apply_rotary_pos_emb() asks megatron's parallel_state for a context-parallel group even when
     # none is used; the bshd kernel it dispatches to is called directly.
     return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False)
 
 
-def init_distributed(backend: Optional[str] = None) -> None:
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
     """Start torch.distributed from the launcher's environment, or as a 1-rank group."""
+    import datetime
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if HAS_CUDA else "gloo")
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
-def initialize_model_parallel(tp: int = 1, pp: int = 1) -> None:
-    """Start torch.distributed if needed and build megatron-core's groups for (tp, pp)."""
-    init_distributed()
-    if not parallel_state.model_parallel_is_initialized():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+@contextlib.contextmanager
+def cpu_device_shim():
+    """megatron-core allocates communication buffers on torch.cuda.current_device(); on a
+    CPU-only host that call fails, so for the duration of the block it answers "cpu"."""
+    if HAS_CUDA:
+        yield
+        return
+    saved = torch.cuda.current_device
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = saved
 
 
-def tp_group():
-    """megatron-core's current tensor-parallel group (megatron layers need one, even of size 1)."""
-    return parallel_state.get_tensor_model_parallel_group()
+def stage_layer_range(num_layers: int, pp: int, stage: int) -> Tuple[int, int]:
+    """Contiguous layers of a pipeline stage; the first num_layers % pp stages get one more."""
+    base, extra = divmod(num_layers, pp)
+    start = stage * base + min(stage, extra)
+    return start, start + base + (1 if stage < extra else 0)
+
+
+@dataclass
+class LayoutGroups:
+    """One layout's megatron-core process groups and this rank's place in it."""
+
+    name: str
+    layout: object
+    pgs: ProcessGroupCollection
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    layer_start: int
+    layer_end: int
+    pp_ranks: List[int]
+    """Global ranks of this rank's pipeline (same tp_rank and dp_rank), by stage."""
+    comm: Optional[P2PCommunicator] = None
+
+    @property
+    def tp_group(self):
+        return self.pgs.tp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    @property
+    def sampler_rank(self) -> int:
+        """Global rank that samples: tp rank 0 of the last stage (of this DP replica)."""
+        return self.pp_ranks[-1]
+
+    def send_forward(self, hidden: torch.Tensor) -> None:
+        with cpu_device_shim():
+            self.comm.send_forward(hidden, is_last_stage=False)
+
+    def recv_forward(self, shape) -> torch.Tensor:
+        with cpu_device_shim():
+            return self.comm.recv_forward(tuple(shape), is_first_stage=False)
+
+
+def build_layout_groups(layouts: Dict[str, object], num_layers: int, config_for_p2p) -> Dict[str, LayoutGroups]:
+    """Process groups for every layout, built once at start-up on every rank (same order
+    everywhere: new_group is collective). Ranks are numbered tp fastest, then pp, then dp,
+    so a DP replica is the same set of ranks in every layout."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    out: Dict[str, LayoutGroups] = {}
+    for name, lay in layouts.items():
+        grid = HyperCommGrid([lay.tp, lay.pp, lay.dp], ["tp", "pp", "dp"])
+        pgs = ProcessGroupCollection()
+        pgs.tp = grid.create_pg("tp")
+        pgs.pp = grid.create_pg("pp")
+        pgs.mp = grid.create_pg(["tp", "pp"])
+        pgs.dp = grid.create_pg("dp")
+        tp_rank, rest = rank % lay.tp, rank // lay.tp
+        pp_rank, dp_rank = rest % lay.pp, rest // lay.pp
+        start, end = stage_layer_range(num_layers, lay.pp, pp_rank)
+        pp_ranks = [tp_rank + lay.tp * (s + lay.pp * dp_rank) for s in range(lay.pp)]
+        g = LayoutGroups(name, lay, pgs, tp_rank, pp_rank, dp_rank, start, end, pp_ranks)
+        if lay.pp > 1:
+            with cpu_device_shim():
+                g.comm = P2PCommunicator(pp_group=pgs.pp, config=config_for_p2p)
+        out[name] = g
+    return out

@@ -1,0 +1,149 @@
+"""Offline throughput, modelled on vLLM's benchmark_throughput.py.
+
+Runs the same synthetic requests through several backends in one process and prints, for
+each, vLLM's line `Throughput: X requests/s, Y total tokens/s, Z output tokens/s`, then the
+ratios against the first backend listed after seesaw. Every request runs with ignore_eos, so
+all backends generate exactly the same number of tokens.
+
+    python benchmarks/throughput.py --model .cache/models/SmolLM2-135M-Instruct \
+        --dataset-name sharegpt-like --length-scale 0.25 --num-prompts 200 --backends seesaw,hf
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from workloads import make_workload  # noqa: E402
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def result(name: str, reqs, elapsed: float, extra=None) -> dict:
+    n_in = sum(len(r.prompt_token_ids) for r in reqs)
+    n_out = sum(r.output_len for r in reqs)
+    res = {"backend": name, "elapsed_time": elapsed, "num_requests": len(reqs), "total_num_tokens": n_in + n_out,
+           "num_output_tokens": n_out, "requests_per_second": len(reqs) / elapsed,
+           "tokens_per_second": (n_in + n_out) / elapsed, "output_tokens_per_second": n_out / elapsed,
+           "peak_rss_mb": rss_mb()}
+    res.update(extra or {})
+    print(f"[{name}] Throughput: {res['requests_per_second']:.2f} requests/s, {res['tokens_per_second']:.2f} "
+          f"total tokens/s, {res['output_tokens_per_second']:.2f} output tokens/s  ({elapsed:.1f} s)", flush=True)
+    return res
+
+
+def run_seesaw(args, reqs) -> dict:
+    from seesaw_mc import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    llm.engine.stats.__init__()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=args.tqdm)
+    elapsed = time.perf_counter() - t0
+    assert [len(o.outputs[0].token_ids) for o in outs] == [r.output_len for r in reqs]
+    return result("seesaw", reqs, elapsed, {"engine": llm.engine.stats.as_dict()})
+
+
+def run_hf(args, reqs) -> dict:
+    """HF generate with padded static batches, batched in arrival order like vLLM's run_hf."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # ignore_eos: every request gets its full length
+    pad = 0
+
+    def generate(batch):
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):  # left padding
+            ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[i, width - len(r.prompt_token_ids):] = 1
+        n = max(r.output_len for r in batch)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                           pad_token_id=pad, top_p=None, top_k=None, temperature=None)
+
+    generate(reqs[:2])  # warm-up
+    t0 = time.perf_counter()
+    i = 0
+    while i < len(reqs):
+        batch = reqs[i:i + args.hf_max_batch_size]
+        generate(batch)
+        i += len(batch)
+    return result("hf", reqs, time.perf_counter() - t0, {"hf_max_batch_size": args.hf_max_batch_size})
+
+
+BACKENDS = {"seesaw": run_seesaw, "hf": run_hf}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset-name", default="sharegpt-like", choices=["arxiv-like", "sharegpt-like", "fixed"])
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--input-len", type=int, default=3000, help="fixed dataset")
+    p.add_argument("--output-len", type=int, default=300, help="fixed dataset")
+    p.add_argument("--length-scale", type=float, default=1.0, help="multiply every drawn length (CPU runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--backends", default="seesaw,hf")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--hf-max-batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    p.add_argument("--tqdm", action="store_true")
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with open(os.path.join(args.model, "config.json")) as f:
+        cfg = json.load(f)
+    reqs = make_workload(args.dataset_name, args.num_prompts, cfg["vocab_size"], seed=args.seed,
+                         scale=args.length_scale, input_len=args.input_len, output_len=args.output_len,
+                         max_model_len=cfg.get("max_position_embeddings"))
+    n_in = sum(len(r.prompt_token_ids) for r in reqs)
+    n_out = sum(r.output_len for r in reqs)
+    print(f"workload {args.dataset_name} x{args.length_scale}: {len(reqs)} requests, {n_in} prompt tokens, "
+          f"{n_out} output tokens; {args.threads} threads", flush=True)
+    results = []
+    for name in args.backends.split(","):
+        if name not in BACKENDS:
+            p.error(f"unknown backend {name!r} ({', '.join(BACKENDS)})")
+        results.append(BACKENDS[name](args, reqs))
+    base = next((r for r in results if r["backend"] != "seesaw"), None)
+    ours = next((r for r in results if r["backend"] == "seesaw"), None)
+    summary = {"model": args.model, "dataset": args.dataset_name, "length_scale": args.length_scale,
+               "num_prompts": args.num_prompts, "threads": args.threads, "results": results}
+    if base and ours:
+        summary["ratio_vs_" + base["backend"]] = ours["tokens_per_second"] / base["tokens_per_second"]
+        print(f"seesaw / {base['backend']}: {summary['ratio_vs_' + base['backend']]:.2f}x total tokens/s")
+    if ours:  # vLLM's top-level keys describe our engine's run
+        summary.update({k: ours[k] for k in ("elapsed_time", "num_requests", "total_num_tokens",
+                                             "requests_per_second", "tokens_per_second")})
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

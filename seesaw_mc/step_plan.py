@@ -1,0 +1,87 @@
+"""What the leader rank sends every other rank of its replica each step (pure Python).
+
+Workers keep a mirror of every resident sequence, so a step carries only differences: whole
+sequences when they are (re)prefilled, then during decode just the tokens sampled since the
+worker last heard of the sequence and any new blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from seesaw_mc.sequence import Sequence
+
+
+@dataclass
+class NewSeq:
+    seq_id: int
+    token_ids: List[int]
+    num_prompt_tokens: int
+    block_table: List[int]
+    params: Any
+    seed: int
+
+
+@dataclass
+class StepPlan:
+    kind: str
+    """"prefill", "decode" or "stop" (leave the worker loop)."""
+    layout: str = "prefill"
+    """Layout name the step runs in; a change means a transition first."""
+    order: List[int] = field(default_factory=list)
+    """Sequence ids of the batch, in batch order."""
+    new: List[NewSeq] = field(default_factory=list)
+    appended: List[Tuple[int, List[int], List[int]]] = field(default_factory=list)
+    """(seq_id, tokens since last sync, blocks since last sync)."""
+    freed: List[int] = field(default_factory=list)
+    kv_blocks: Optional[List[int]] = None
+    """At a transition: blocks of resident sequences whose KV moves to the new layout."""
+    payload: Any = None
+    """"stop" plans may carry a result for every rank (e.g. generate()'s outputs)."""
+
+
+class PlanBuilder:
+    """Leader side: tracks what the workers already know about each sequence."""
+
+    def __init__(self):
+        self._synced: Dict[int, Tuple[int, int]] = {}
+        self._freed: List[int] = []
+
+    def forget(self, seq: Sequence) -> None:
+        if self._synced.pop(seq.seq_id, None) is not None:
+            self._freed.append(seq.seq_id)
+
+    def build(self, kind: str, layout: str, seqs: List[Sequence]) -> StepPlan:
+        plan = StepPlan(kind, layout, order=[s.seq_id for s in seqs], freed=self._freed)
+        self._freed = []
+        for s in seqs:
+            if kind == "prefill":
+                plan.new.append(NewSeq(s.seq_id, list(s.token_ids), s.num_prompt_tokens, list(s.block_table),
+                                       s.params, s.seed))
+            else:
+                n_tok, n_blk = self._synced[s.seq_id]
+                plan.appended.append((s.seq_id, s.token_ids[n_tok:], s.block_table[n_blk:]))
+            self._synced[s.seq_id] = (len(s.token_ids), len(s.block_table))
+        return plan
+
+
+class SequenceMirror:
+    """Worker side: the sequences a step refers to, rebuilt from plans."""
+
+    def __init__(self):
+        self.seqs: Dict[int, Sequence] = {}
+
+    def apply(self, plan: StepPlan) -> List[Sequence]:
+        for sid in plan.freed:
+            self.seqs.pop(sid, None)
+        for n in plan.new:
+            s = Sequence(None, 0, n.token_ids[: n.num_prompt_tokens], n.params, n.seed)
+            s.seq_id = n.seq_id
+            s.token_ids = list(n.token_ids)
+            s.block_table = list(n.block_table)
+            self.seqs[n.seq_id] = s
+        for sid, toks, blocks in plan.appended:
+            s = self.seqs[sid]
+            s.token_ids.extend(toks)
+            s.block_table.extend(blocks)
+        return [self.seqs[sid] for sid in plan.order]

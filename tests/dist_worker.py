@@ -1,0 +1,44 @@
+"""Run under torchrun by tests/test_layouts.py: every rank builds the same engines and calls
+generate(); rank 0 writes what it got to the JSON file named by argv[1]."""
+import json
+import os
+import random
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+
+
+def prompts_for(seed, n=10, vocab=320, lo=2, hi=40):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab - 3) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def main():
+    from seesaw_mc import LLM, SamplingParams
+
+    out_path, spec = sys.argv[1], json.loads(sys.argv[2])
+    results = {}
+    for case in spec["cases"]:
+        llm = LLM(case["model"], prefill_layout=case["prefill"], decode_layout=case["decode"],
+                  block_size=4, num_device_blocks=case.get("blocks"), max_num_batched_tokens=case.get("budget", 4096))
+        prompts = [{"prompt_token_ids": p} for p in prompts_for(case.get("seed", 0), n=case.get("n", 10),
+                                                                  vocab=case.get("vocab", 320))]
+        greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=case["max_tokens"]), use_tqdm=False)
+        transitions = list(llm.engine.transitions) if llm.engine.is_leader else []
+        preemptions = llm.engine.stats.preemptions
+        sampled = llm.generate(prompts[:4], [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=40 + i)
+                                             for i in range(4)], use_tqdm=False)
+        results[case["name"]] = {
+            "greedy": [o.outputs[0].token_ids for o in greedy],
+            "prompts": [o.prompt_token_ids for o in greedy],
+            "sampled": [o.outputs[0].token_ids for o in sampled],
+            "transitions": transitions, "preemptions": preemptions,
+        }
+    if int(os.environ.get("RANK", 0)) == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
