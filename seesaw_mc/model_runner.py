@@ -216,6 +216,24 @@ class ModelRunner:
         g = self.groups[self.active]
         model = self.models[self.active]
         results = []
+        # megatron-core's TP collectives allocate on torch.cuda.current_device().
+        with mc.cpu_device_shim():
+            self._run_microbatches(is_prefill, seqs, g, model, results)
+        out = None
+        if results:
+            out = ([t for r in results for t in r[0]], [lp for r in results for lp in r[1]])
+        sampler = g.sampler_rank
+        if sampler != self.leader_rank:
+            if self.rank == sampler:
+                dist.send_object_list([out], dst=self.leader_rank)
+                return None
+            if self.is_leader:
+                box = [None]
+                dist.recv_object_list(box, src=sampler)
+                return box[0]
+        return out if self.is_leader else None
+
+    def _run_microbatches(self, is_prefill, seqs, g, model, results) -> None:
         try:
             for mb in split_microbatches(seqs, g.layout.pp, by_tokens=is_prefill):
                 input_ids, meta = self._prepare(is_prefill, mb)
@@ -232,19 +250,6 @@ class ModelRunner:
                     results.append(self.sampler(logits, mb))
         finally:
             set_attn_metadata(None)
-        out = None
-        if results:
-            out = ([t for r in results for t in r[0]], [lp for r in results for lp in r[1]])
-        sampler = g.sampler_rank
-        if sampler != self.leader_rank:
-            if self.rank == sampler:
-                dist.send_object_list([out], dst=self.leader_rank)
-                return None
-            if self.is_leader:
-                box = [None]
-                dist.recv_object_list(box, src=sampler)
-                return box[0]
-        return out if self.is_leader else None
 
     def broadcast_plan(self, plan=None):
         """Leader -> every rank of the replica."""

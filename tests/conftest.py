@@ -23,10 +23,11 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     return {
-        "llama": build_model("llama", str(root / "llama"), seed=1),
+        "llama": build_model("llama", str(root / "llama"), layers=5, seed=1),
         "mistral": build_model("mistral", str(root / "mistral"), seed=2),
-        # Qwen2 with QKV bias and tied embeddings (SmolLM2-style), MHA-free GQA 6/2.
-        "qwen2": build_model("qwen2", str(root / "qwen2"), heads=6, kv_heads=2, hidden=96, tied=True, seed=3),
+        # Qwen2 with QKV bias and tied embeddings (SmolLM2-style), GQA 6/2. Five layers:
+        # pipeline splits over 2 and 4 stages are uneven.
+        "qwen2": build_model("qwen2", str(root / "qwen2"), layers=5, heads=6, kv_heads=2, hidden=96, tied=True, seed=3),
     }
 
 

@@ -163,8 +163,8 @@ class LayoutGroups:
 
     @property
     def sampler_rank(self) -> int:
-        """Global rank that samples: tp rank 0 of the last stage (of this DP replica)."""
-        return self.pp_ranks[-1]
+        """Global rank that samples: tp rank 0 of the last stage of this DP replica."""
+        return self.layout.tp * (self.layout.pp - 1 + self.layout.pp * self.dp_rank)
 
     def send_forward(self, hidden: torch.Tensor) -> None:
         with cpu_device_shim():
