@@ -167,10 +167,12 @@ class ModelRunner:
             dist.barrier(group=self.replica_group)
         t_kv_out = time.perf_counter() - t1
         t2 = time.perf_counter()
+        weight_bytes = 0
+        kv_bytes0 = (self.host_kv.bytes_out + self.host_kv.bytes_in) if self.host_kv else 0
         if old is None or moved:
             if moved:
                 self.models[old].release_weights()
-            self.models[name].load_full_tensors(self.master.tensors())
+            weight_bytes = self.models[name].load_full_tensors(self.master.tensors())
         t_weights = time.perf_counter() - t2
         t3 = time.perf_counter()
         if moved and blocks.numel():
@@ -180,7 +182,9 @@ class ModelRunner:
         t_kv_in = time.perf_counter() - t3
         self.active = name
         rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": t_weights,
-               "kv_s": t_kv_out + t_kv_in, "kv_blocks": int(blocks.numel()), "total_s": time.perf_counter() - t0}
+               "kv_s": t_kv_out + t_kv_in, "kv_blocks": int(blocks.numel()), "total_s": time.perf_counter() - t0,
+               "weight_bytes_copied": weight_bytes,
+               "kv_bytes_moved": ((self.host_kv.bytes_out + self.host_kv.bytes_in) if self.host_kv else 0) - kv_bytes0}
         if old is not None and moved:
             self.transitions.append(rec)
         return rec

@@ -184,8 +184,10 @@ class CausalLM(MegatronModule):
         for p in self.parameters():
             p.data = empty
 
-    def load_full_tensors(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        """Take this rank's shard of every full Megatron-named tensor (views where possible)."""
+    def load_full_tensors(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> int:
+        """Take this rank's shard of every full Megatron-named tensor (views where possible).
+        Returns the bytes that had to be copied (shards that are not views of the master)."""
+        copied = 0
         params: Dict[str, nn.Parameter] = dict(self.named_parameters())
         loaded = set()
         for name, full in tensors:
@@ -195,9 +197,13 @@ class CausalLM(MegatronModule):
                 p = params[local]
                 if tuple(shard.shape) != self._param_shapes[local]:
                     raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {self._param_shapes[local]}")
-                p.data = shard.to(device=self.rope.device, dtype=self.config.params_dtype)
+                data = shard.to(device=self.rope.device, dtype=self.config.params_dtype)
+                if data.untyped_storage().data_ptr() != full.untyped_storage().data_ptr():
+                    copied += data.numel() * data.element_size()
+                p.data = data
                 p.requires_grad_(False)
                 loaded.add(local)
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"weights missing for {missing[:3]}")
+        return copied

@@ -1,0 +1,157 @@
+"""Cost of a Seesaw transition (prefill layout <-> decode layout) and memory per rank.
+
+For 2 ranks (P2->T2) and 4 ranks (P4->T4) on a random Llama of about 57M parameters, the
+driver launches torchrun; each rank fills its KV cache, then switches layouts back and forth.
+Reported per direction (medians): time for process groups, weights and KV; bytes moved per
+rank; and the ratio to a plain memcpy of the same number of bytes on the same rank, timed in
+the same process. Memory: RSS and PSS per rank against the size of the weights (the master
+copy is shared per node, so the node's PSS should hold the weights about once).
+
+    python benchmarks/reshard.py [--ranks 2,4] [--output-json benchmarks/results/reshard.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def build_model(path: str) -> None:
+    import torch
+    import transformers as tf
+
+    tok_dir = os.path.join(os.path.dirname(HERE), "tests")
+    sys.path.insert(0, tok_dir)
+    from tiny_models import build_tokenizer
+
+    build_tokenizer(path)
+    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+
+
+def mem_kb(field: str, path: str) -> int:
+    with open(path) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def worker(a) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from seesaw_mc import LLM
+
+    warnings.filterwarnings("ignore")
+    llm = LLM(a.model, prefill_layout=a.prefill, decode_layout=a.decode, num_device_blocks=a.blocks, block_size=16)
+    runner = llm.engine.runner
+    for k, v in runner.kv_views["prefill"].layers:  # resident KV to hand over, pages touched
+        k.normal_()
+        v.normal_()
+    blocks = list(range(a.blocks))
+    recs = {"prefill->decode": [], "decode->prefill": []}
+    for _ in range(a.repeats):
+        recs["prefill->decode"].append(runner.activate("decode", blocks))
+        recs["decode->prefill"].append(runner.activate("prefill", blocks))
+    out = {"rank": dist.get_rank(), "directions": {}}
+    for d, rs in recs.items():
+        med = {k: statistics.median([r[k] for r in rs]) for k in ("groups_s", "weights_s", "kv_s", "total_s",
+                                                    "weight_bytes_copied", "kv_bytes_moved")}
+        moved = int(med["weight_bytes_copied"] + med["kv_bytes_moved"])
+        src = torch.empty(max(moved, 1), dtype=torch.uint8).random_()
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+        med["bytes_moved"] = moved
+        med["memcpy_s"] = statistics.median(times)
+        med["ratio_to_memcpy"] = (med["weights_s"] + med["kv_s"]) / med["memcpy_s"] if moved else None
+        out["directions"][d] = med
+    out["rss_mb"] = mem_kb("VmRSS", "/proc/self/status") / 1024
+    out["pss_mb"] = mem_kb("Pss", "/proc/self/smaps_rollup") / 1024
+    out["weights_mb"] = runner.master.nbytes / 2**20
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, out)
+    if dist.get_rank() == 0:
+        with open(a.worker_out, "w") as f:
+            json.dump(gathered, f)
+
+
+def drive(a) -> int:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = a.model
+        if model is None:
+            model = os.path.join(tmp, "llama57m")
+            build_model(model)
+        for n in [int(x) for x in a.ranks.split(",")]:
+            pre, dec = f"pp{n}", f"tp{n}"
+            out = os.path.join(tmp, f"r{n}.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
+                   "--worker", "--model", model, "--prefill", pre, "--decode", dec, "--blocks", str(a.blocks),
+                   "--repeats", str(a.repeats), "--worker-out", out]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(r.stdout[-2000:], r.stderr[-6000:])
+                return 1
+            ranks = json.load(open(out))
+            results[f"P{n}->T{n}"] = ranks
+            print(f"\n== P{n}->T{n}: {n} ranks, weights {ranks[0]['weights_mb']:.0f} MB, "
+                  f"KV {a.blocks} blocks of 16 tokens resident")
+            print(f"{'rank':>4} {'direction':>16} {'groups us':>10} {'weights ms':>11} {'kv ms':>8} "
+                  f"{'MB moved':>9} {'memcpy ms':>10} {'ratio':>6}")
+            for rk in ranks:
+                for d, m in rk["directions"].items():
+                    ratio = f"{m['ratio_to_memcpy']:.2f}" if m["ratio_to_memcpy"] else "-"
+                    print(f"{rk['rank']:>4} {d:>16} {m['groups_s'] * 1e6:>10.1f} {m['weights_s'] * 1e3:>11.2f} "
+                          f"{m['kv_s'] * 1e3:>8.2f} {m['bytes_moved'] / 2**20:>9.1f} {m['memcpy_s'] * 1e3:>10.2f} "
+                          f"{ratio:>6}")
+            pss = sum(rk["pss_mb"] for rk in ranks)
+            print("RSS per rank MB: " + ", ".join(f"{rk['rss_mb']:.0f}" for rk in ranks)
+                  + f"; PSS per rank MB: " + ", ".join(f"{rk['pss_mb']:.0f}" for rk in ranks)
+                  + f"; node PSS {pss:.0f} MB vs weights {ranks[0]['weights_mb']:.0f} MB "
+                  f"(one private copy per rank would be {n * ranks[0]['weights_mb']:.0f} MB)")
+    if a.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.output_json)), exist_ok=True)
+        with open(a.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF folder; default: a random 57M-parameter Llama")
+    p.add_argument("--ranks", default="2,4")
+    p.add_argument("--blocks", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--output-json", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prefill", default="pp2", help=argparse.SUPPRESS)
+    p.add_argument("--decode", default="tp2", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        worker(a)
+        return 0
+    return drive(a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
