@@ -49,6 +49,19 @@ def mem_kb(field: str, path: str) -> int:
     return 0
 
 
+def mapping_kb(marker: str) -> dict:
+    """Rss and Pss (kB) of this process's mappings whose file name contains `marker`."""
+    out, inside = {"Rss": 0, "Pss": 0}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(" ", 1)[0]
+            if "-" in first and not first.endswith(":"):
+                inside = marker in line
+            elif inside and first[:-1] in out:
+                out[first[:-1]] += int(line.split()[1])
+    return out
+
+
 def worker(a) -> None:
     import torch
     import torch.distributed as dist
@@ -58,6 +71,12 @@ def worker(a) -> None:
     warnings.filterwarnings("ignore")
     llm = LLM(a.model, prefill_layout=a.prefill, decode_layout=a.decode, num_device_blocks=a.blocks, block_size=16)
     runner = llm.engine.runner
+    # Touch the weights in both layouts (the memory figures below count touched pages).
+    from seesaw_mc import SamplingParams
+
+    llm.generate([{"prompt_token_ids": list(range(100, 164))}] * 4, SamplingParams(temperature=0, max_tokens=4),
+                 use_tqdm=False)
+    runner.activate("prefill", [])
     for k, v in runner.kv_views["prefill"].layers:  # resident KV to hand over, pages touched
         k.normal_()
         v.normal_()
@@ -68,7 +87,7 @@ def worker(a) -> None:
         recs["decode->prefill"].append(runner.activate("prefill", blocks))
     out = {"rank": dist.get_rank(), "directions": {}}
     for d, rs in recs.items():
-        med = {k: statistics.median([r[k] for r in rs]) for k in ("groups_s", "weights_s", "kv_s", "total_s",
+        med = {k: statistics.median([r[k] for r in rs]) for k in ("groups_s", "weights_s", "kv_s", "barrier_s", "total_s",
                                                     "weight_bytes_copied", "kv_bytes_moved")}
         moved = int(med["weight_bytes_copied"] + med["kv_bytes_moved"])
         src = torch.empty(max(moved, 1), dtype=torch.uint8).random_()
@@ -86,6 +105,8 @@ def worker(a) -> None:
     out["rss_mb"] = mem_kb("VmRSS", "/proc/self/status") / 1024
     out["pss_mb"] = mem_kb("Pss", "/proc/self/smaps_rollup") / 1024
     out["weights_mb"] = runner.master.nbytes / 2**20
+    w = mapping_kb("-weights-")
+    out["weights_rss_mb"], out["weights_pss_mb"] = w["Rss"] / 1024, w["Pss"] / 1024
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, out)
     if dist.get_rank() == 0:
@@ -116,18 +137,20 @@ def drive(a) -> int:
             print(f"\n== P{n}->T{n}: {n} ranks, weights {ranks[0]['weights_mb']:.0f} MB, "
                   f"KV {a.blocks} blocks of 16 tokens resident")
             print(f"{'rank':>4} {'direction':>16} {'groups us':>10} {'weights ms':>11} {'kv ms':>8} "
-                  f"{'MB moved':>9} {'memcpy ms':>10} {'ratio':>6}")
+                  f"{'barrier ms':>11} {'MB moved':>9} {'memcpy ms':>10} {'ratio':>6}")
             for rk in ranks:
                 for d, m in rk["directions"].items():
                     ratio = f"{m['ratio_to_memcpy']:.2f}" if m["ratio_to_memcpy"] else "-"
                     print(f"{rk['rank']:>4} {d:>16} {m['groups_s'] * 1e6:>10.1f} {m['weights_s'] * 1e3:>11.2f} "
-                          f"{m['kv_s'] * 1e3:>8.2f} {m['bytes_moved'] / 2**20:>9.1f} {m['memcpy_s'] * 1e3:>10.2f} "
+                          f"{m['kv_s'] * 1e3:>8.2f} {m['barrier_s'] * 1e3:>11.2f} {m['bytes_moved'] / 2**20:>9.1f} {m['memcpy_s'] * 1e3:>10.2f} "
                           f"{ratio:>6}")
-            pss = sum(rk["pss_mb"] for rk in ranks)
-            print("RSS per rank MB: " + ", ".join(f"{rk['rss_mb']:.0f}" for rk in ranks)
-                  + f"; PSS per rank MB: " + ", ".join(f"{rk['pss_mb']:.0f}" for rk in ranks)
-                  + f"; node PSS {pss:.0f} MB vs weights {ranks[0]['weights_mb']:.0f} MB "
-                  f"(one private copy per rank would be {n * ranks[0]['weights_mb']:.0f} MB)")
+            wpss = sum(rk["weights_pss_mb"] for rk in ranks)
+            print("process RSS per rank MB: " + ", ".join(f"{rk['rss_mb']:.0f}" for rk in ranks)
+                  + "; PSS: " + ", ".join(f"{rk['pss_mb']:.0f}" for rk in ranks))
+            print("master-weights mapping per rank, RSS MB: " + ", ".join(f"{rk['weights_rss_mb']:.0f}" for rk in ranks)
+                  + "; PSS MB: " + ", ".join(f"{rk['weights_pss_mb']:.0f}" for rk in ranks)
+                  + f"; node total PSS {wpss:.0f} MB for {ranks[0]['weights_mb']:.0f} MB of weights "
+                  f"(private copies would be {n * ranks[0]['weights_mb']:.0f} MB)")
     if a.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(a.output_json)), exist_ok=True)
         with open(a.output_json, "w") as f:

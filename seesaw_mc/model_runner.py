@@ -16,11 +16,11 @@ from seesaw_mc.config import Layout
 from seesaw_mc.errors import CapacityError
 from seesaw_mc.kv.host_tier import HostKVBuffer, unlink_quietly
 from seesaw_mc.kv.paged_cache import DeviceKVBuffer, bytes_per_block, device_kv_budget
-from seesaw_mc.model.attention import AttnMetadata, set_attn_metadata
+from seesaw_mc.model.attention import AttnMetadata, decode_chunks, set_attn_metadata
 from seesaw_mc.model.hf_import import ModelArgs, iter_megatron_tensors
 from seesaw_mc.model.llama import CausalLM
 from seesaw_mc.parallel import megatron_adapter as mc
-from seesaw_mc.reshard import MasterWeights, shm_dir
+from seesaw_mc.reshard import MasterWeights, fc1_interleave_factor, interleave_fc1, shm_dir
 from seesaw_mc.sampling import Sampler
 
 log = logging.getLogger("seesaw_mc")
@@ -57,10 +57,11 @@ class ModelRunner:
         distinct = {str(lay): lay for lay in layouts.values()}
         groups = mc.build_layout_groups(distinct, args.num_layers, p2p_cfg)
         self.groups = {name: groups[str(lay)] for name, lay in layouts.items()}
+        self.fc1_pairs = fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
         self.models = {}
         for key, g in groups.items():
             self.models[key] = CausalLM(args, dtype, self.device, max_len=max_model_len, tp_group=g.tp_group,
-                                        layer_start=g.layer_start, layer_end=g.layer_end)
+                                        layer_start=g.layer_start, layer_end=g.layer_end, fc1_pairs=self.fc1_pairs)
         self.models = {name: self.models[str(lay)] for name, lay in layouts.items()}
         first = self.groups["prefill"]
         self.replica_group = first.pgs.mp
@@ -99,7 +100,9 @@ class ModelRunner:
         path = os.path.join(shm_dir(), f"seesaw-{self._job}-weights-{os.environ.get('GROUP_RANK', '0')}")
         try:
             if self.local_rank == 0:
-                index = MasterWeights.write(path, iter_megatron_tensors(self.config.model, self.args), self.dtype)
+                tensors = ((n, interleave_fc1(t, self.fc1_pairs) if n.endswith("linear_fc1.weight") else t)
+                           for n, t in iter_megatron_tensors(self.config.model, self.args))
+                index = MasterWeights.write(path, tensors, self.dtype)
                 with open(path + ".json", "w") as f:
                     json.dump(index, f)
             self._node_barrier()
@@ -158,13 +161,16 @@ class ModelRunner:
         g_new = self.groups[name]
         t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
         moved = old is not None and self.models[old] is not self.models[name]
-        blocks = torch.tensor(kv_blocks or [], dtype=torch.long, device=self.device)
+        blocks = list(kv_blocks or [])
+        t_wait = 0.0
         t1 = time.perf_counter()
-        if moved and blocks.numel():
+        if moved and blocks:
             g_old = self.groups[old]
             self.host_kv.stage_out(self.kv_views[old], g_old.layer_start,
                                    g_old.tp_rank * self.kv_views[old].num_kv_heads, blocks)
-            dist.barrier(group=self.replica_group)
+            tb = time.perf_counter()
+            dist.barrier(group=self.replica_group)  # every slice is on the host before anyone reads
+            t_wait += time.perf_counter() - tb
         t_kv_out = time.perf_counter() - t1
         t2 = time.perf_counter()
         weight_bytes = 0
@@ -175,14 +181,17 @@ class ModelRunner:
             weight_bytes = self.models[name].load_full_tensors(self.master.tensors())
         t_weights = time.perf_counter() - t2
         t3 = time.perf_counter()
-        if moved and blocks.numel():
+        if moved and blocks:
             self.host_kv.stage_in(self.kv_views[name], g_new.layer_start,
                                   g_new.tp_rank * self.kv_views[name].num_kv_heads, blocks)
-            dist.barrier(group=self.replica_group)
+            tb = time.perf_counter()
+            dist.barrier(group=self.replica_group)  # nobody overwrites the host slice still being read
+            t_wait += time.perf_counter() - tb
         t_kv_in = time.perf_counter() - t3
         self.active = name
         rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": t_weights,
-               "kv_s": t_kv_out + t_kv_in, "kv_blocks": int(blocks.numel()), "total_s": time.perf_counter() - t0,
+               "kv_s": t_kv_out + t_kv_in - t_wait, "barrier_s": t_wait, "kv_blocks": len(blocks),
+               "total_s": time.perf_counter() - t0,
                "weight_bytes_copied": weight_bytes,
                "kv_bytes_moved": ((self.host_kv.bytes_out + self.host_kv.bytes_in) if self.host_kv else 0) - kv_bytes0}
         if old is not None and moved:
@@ -203,14 +212,13 @@ class ModelRunner:
             meta = AttnMetadata(True, torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), cu_seqlens=cu,
                                 logits_indices=torch.tensor(cu[1:], device=dev) - 1)
         else:
+            # Rows arrive sorted by length (see execute), so similar lengths share a chunk.
             ids = [s.last_token for s in seqs]
             lens = [len(s) for s in seqs]
-            width = max(len(s.block_table) for s in seqs)
-            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
             slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, lens)]
             meta = AttnMetadata(False, torch.tensor([n - 1 for n in lens], device=dev),
-                                torch.tensor(slots, device=dev), block_tables=torch.tensor(tables, device=dev),
-                                context_lens=torch.tensor(lens, device=dev))
+                                torch.tensor(slots, device=dev),
+                                decode_chunks=decode_chunks(lens, [s.block_table for s in seqs], bs, dev))
         return torch.tensor(ids, device=dev), meta
 
     @torch.inference_mode()
@@ -219,13 +227,24 @@ class ModelRunner:
         other ranks get None."""
         g = self.groups[self.active]
         model = self.models[self.active]
+        order = None
+        if not is_prefill and len(seqs) > 1:
+            order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+            seqs = [seqs[i] for i in order]
         results = []
         # megatron-core's TP collectives allocate on torch.cuda.current_device().
         with mc.cpu_device_shim():
             self._run_microbatches(is_prefill, seqs, g, model, results)
         out = None
         if results:
-            out = ([t for r in results for t in r[0]], [lp for r in results for lp in r[1]])
+            toks = [t for r in results for t in r[0]]
+            lps = [lp for r in results for lp in r[1]]
+            if order is not None:  # back to the caller's order
+                toks_o, lps_o = [0] * len(toks), [None] * len(lps)
+                for j, i in enumerate(order):
+                    toks_o[i], lps_o[i] = toks[j], lps[j]
+                toks, lps = toks_o, lps_o
+            out = (toks, lps)
         sampler = g.sampler_rank
         if sampler != self.leader_rank:
             if self.rank == sampler:

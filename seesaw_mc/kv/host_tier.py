@@ -9,6 +9,7 @@ so handing sequences from one layout to another is: every rank of the old layout
 from __future__ import annotations
 
 import os
+from typing import List, Tuple
 
 import torch
 
@@ -39,23 +40,35 @@ class HostKVBuffer:
         buf = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         return cls(buf.view(dtype).view(shape), dp_rank)
 
-    def stage_out(self, views: KVCacheViews, layer_start: int, head_start: int, block_ids: torch.Tensor) -> None:
+    def stage_out(self, views: KVCacheViews, layer_start: int, head_start: int, block_ids) -> None:
         """Device blocks of this rank's layers/heads -> host (HND)."""
         h = views.num_kv_heads
-        for i, (k, v) in enumerate(views.layers):
-            for j, dev in enumerate((k, v)):
-                src = dev.index_select(0, block_ids).permute(2, 0, 1, 3)  # [h, n, bs, d]
-                self.t[layer_start + i, j, head_start:head_start + h].index_copy_(1, block_ids, src)
-                self.bytes_out += src.numel() * src.element_size()
+        for a, b in block_runs(block_ids):
+            for i, (k, v) in enumerate(views.layers):
+                for j, dev in enumerate((k, v)):
+                    # One strided copy per run of consecutive blocks: [n, bs, h, d] -> [h, n, bs, d].
+                    self.t[layer_start + i, j, head_start:head_start + h, a:b].copy_(dev[a:b].permute(2, 0, 1, 3))
+                    self.bytes_out += (b - a) * dev[0].numel() * dev.element_size()
 
-    def stage_in(self, views: KVCacheViews, layer_start: int, head_start: int, block_ids: torch.Tensor) -> None:
+    def stage_in(self, views: KVCacheViews, layer_start: int, head_start: int, block_ids) -> None:
         """Host (HND) -> device blocks of this rank's layers/heads."""
         h = views.num_kv_heads
-        for i, (k, v) in enumerate(views.layers):
-            for j, dev in enumerate((k, v)):
-                src = self.t[layer_start + i, j, head_start:head_start + h].index_select(1, block_ids)
-                dev.index_copy_(0, block_ids, src.permute(1, 2, 0, 3))
-                self.bytes_in += src.numel() * src.element_size()
+        for a, b in block_runs(block_ids):
+            for i, (k, v) in enumerate(views.layers):
+                for j, dev in enumerate((k, v)):
+                    dev[a:b].copy_(self.t[layer_start + i, j, head_start:head_start + h, a:b].permute(1, 2, 0, 3))
+                    self.bytes_in += (b - a) * dev[0].numel() * dev.element_size()
+
+
+def block_runs(block_ids) -> List[Tuple[int, int]]:
+    """Sorted block ids -> half-open runs of consecutive ids (the allocator hands out runs)."""
+    runs: List[Tuple[int, int]] = []
+    for b in sorted(set(int(x) for x in block_ids)):
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
 
 
 def unlink_quietly(path: str) -> None:

@@ -30,6 +30,10 @@ class AttnMetadata:
     """Decode: [B] tokens each sequence attends to (this step's token included)."""
     logits_indices: Optional[torch.Tensor] = None
     """Rows of the final hidden state whose logits are needed (last token of each sequence)."""
+    decode_chunks: Optional[List[tuple]] = None
+    """Decode: (row_start, row_end, block_tables, mask) per group of sequences of similar
+    length (rows sorted by length), so that gathering K/V pads each group only to its own
+    longest sequence instead of the whole batch's."""
 
 
 _META: Optional[AttnMetadata] = None
@@ -68,13 +72,38 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                 v[s:e].transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1)
         return out
-    # Decode: one query token per sequence; gather its blocks and mask the padding.
-    bt = meta.block_tables
-    b, nblk = bt.shape
+    # Decode: one query token per sequence; gather each group's blocks, mask the padding.
+    out = torch.empty_like(q)
     _, bs, hkv, d = k_cache.shape
-    kk = k_cache[bt].view(b, nblk * bs, hkv, d).transpose(1, 2)
-    vv = v_cache[bt].view(b, nblk * bs, hkv, d).transpose(1, 2)
-    mask = torch.arange(nblk * bs, device=q.device)[None, :] < meta.context_lens[:, None]
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=mask[:, None, None, :],
-                                       scale=scale, enable_gqa=True)
-    return o.squeeze(2)
+    for start, end, bt, mask in meta.decode_chunks:
+        b, nblk = bt.shape
+        flat = bt.reshape(-1)
+        kk = k_cache.index_select(0, flat).view(b, nblk * bs, hkv, d).transpose(1, 2)
+        vv = v_cache.index_select(0, flat).view(b, nblk * bs, hkv, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[start:end].unsqueeze(2), kk, vv, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+        out[start:end] = o.squeeze(2)
+    return out
+
+
+def decode_chunks(context_lens: List[int], block_tables: List[List[int]], block_size: int, device,
+                  max_rows: int = 64, slack: float = 1.25) -> List[tuple]:
+    """Group rows (already sorted by length) so each group's padded size stays within
+    `slack` of its real size; build each group's block table and mask once per step."""
+    chunks, start, n = [], 0, len(context_lens)
+    while start < n:
+        end, total = start + 1, context_lens[start]
+        while end < n and end - start < max_rows:
+            width = -(-context_lens[end] // block_size) * block_size
+            if width * (end + 1 - start) > slack * (total + context_lens[end]) + block_size * (end + 1 - start):
+                break
+            total += context_lens[end]
+            end += 1
+        nblk = max(len(block_tables[i]) for i in range(start, end))
+        bt = torch.tensor([block_tables[i] + [0] * (nblk - len(block_tables[i])) for i in range(start, end)],
+                          device=device)
+        lens = torch.tensor(context_lens[start:end], device=device)
+        mask = (torch.arange(nblk * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        chunks.append((start, end, bt, mask))
+        start = end
+    return chunks

@@ -74,8 +74,11 @@ class SelfAttention(MegatronModule):
 
 
 class MLP(MegatronModule):
-    def __init__(self, config, args: ModelArgs, tp_group):
+    def __init__(self, config, args: ModelArgs, tp_group, fc1_pairs: int = 1):
         super().__init__(config)
+        tp = tp_group.size() if tp_group is not None else 1
+        # linear_fc1's local rows are `pairs` interleaved [gate_c; up_c] chunks (reshard.py).
+        self.pairs = max(1, fc1_pairs // tp)
         self.linear_fc1 = ColumnParallelLinear(args.hidden_size, 2 * args.ffn_hidden_size, config=config,
                                                init_method=_no_init, bias=False, gather_output=False,
                                                tp_group=tp_group)
@@ -85,19 +88,23 @@ class MLP(MegatronModule):
 
     def forward(self, x):
         h, _ = self.linear_fc1(x)
-        gate, up = h.chunk(2, dim=-1)
+        if self.pairs == 1:
+            gate, up = h.chunk(2, dim=-1)
+        else:
+            h = h.view(h.shape[0], self.pairs, 2, -1)
+            gate, up = h[:, :, 0].reshape(h.shape[0], -1), h[:, :, 1].reshape(h.shape[0], -1)
         out, _ = self.linear_fc2(F.silu(gate) * up)
         return out
 
 
 class DecoderLayer(MegatronModule):
-    def __init__(self, config, args: ModelArgs, tp_group, layer_number: int):
+    def __init__(self, config, args: ModelArgs, tp_group, layer_number: int, fc1_pairs: int = 1):
         super().__init__(config)
         self.layer_number = layer_number
         self.input_layernorm = WrappedTorchNorm(config, args.hidden_size, eps=args.rms_norm_eps)
         self.self_attention = SelfAttention(config, args, tp_group)
         self.pre_mlp_layernorm = WrappedTorchNorm(config, args.hidden_size, eps=args.rms_norm_eps)
-        self.mlp = MLP(config, args, tp_group)
+        self.mlp = MLP(config, args, tp_group, fc1_pairs)
 
     def forward(self, x, rope):
         x = x + self.self_attention(self.input_layernorm(x), rope)
@@ -105,10 +112,12 @@ class DecoderLayer(MegatronModule):
 
 
 class Decoder(MegatronModule):
-    def __init__(self, config, args: ModelArgs, tp_group, layer_start: int, layer_end: int, post_process: bool):
+    def __init__(self, config, args: ModelArgs, tp_group, layer_start: int, layer_end: int, post_process: bool,
+                 fc1_pairs: int = 1):
         super().__init__(config)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, args, tp_group, layer_number=i + 1) for i in range(layer_start, layer_end))
+            DecoderLayer(config, args, tp_group, layer_number=i + 1, fc1_pairs=fc1_pairs)
+            for i in range(layer_start, layer_end))
         self.final_layernorm = (WrappedTorchNorm(config, args.hidden_size, eps=args.rms_norm_eps)
                                 if post_process else None)
 
@@ -117,7 +126,7 @@ class CausalLM(MegatronModule):
     """One pipeline stage of a Llama-family model in one TP layout."""
 
     def __init__(self, args: ModelArgs, params_dtype: torch.dtype, device: torch.device, max_len: int,
-                 tp_group=None, layer_start: int = 0, layer_end: Optional[int] = None):
+                 tp_group=None, layer_start: int = 0, layer_end: Optional[int] = None, fc1_pairs: int = 1):
         tp = tp_group.size() if tp_group is not None else 1
         config = mc.transformer_config(args, params_dtype, tp_size=tp)
         super().__init__(config)
@@ -132,7 +141,8 @@ class CausalLM(MegatronModule):
         vocab = padded_vocab_size(args.vocab_size, tp)
         if self.pre_process:
             self.embedding = Embedding(config, vocab, tp_group)
-        self.decoder = Decoder(config, args, tp_group, layer_start, self.layer_end, self.post_process)
+        self.fc1_pairs = fc1_pairs
+        self.decoder = Decoder(config, args, tp_group, layer_start, self.layer_end, self.post_process, fc1_pairs)
         # Tied embeddings: the output layer reuses the embedding, unless this last stage has
         # none (pipeline parallel), in which case it holds its own copy, as Megatron does.
         self.shares_embedding = args.tie_word_embeddings and self.pre_process
@@ -193,7 +203,7 @@ class CausalLM(MegatronModule):
         for name, full in tensors:
             for local in self.local_names(name):
                 rule = "output_layer.weight" if local == "output_layer.weight" else name
-                shard = shard_tensor(rule, full, self.tp_rank, self.tp_size, self.args.num_kv_heads)
+                shard = shard_tensor(rule, full, self.tp_rank, self.tp_size, self.args.num_kv_heads, self.fc1_pairs)
                 p = params[local]
                 if tuple(shard.shape) != self._param_shapes[local]:
                     raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {self._param_shapes[local]}")
