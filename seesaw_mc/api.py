@@ -70,10 +70,19 @@ class LLM:
             # and return the same outputs.
             return eng.worker_loop()
         # Validated everything first: a bad prompt must not leave half a batch queued.
-        for rid, ids, params, text in requests:
+        # DP replicas split the requests round-robin; their leaders pool the outputs.
+        mine = requests[eng.dp_rank::eng.dp_size]
+        for rid, ids, params, text in mine:
             eng.add_request(rid, ids, params, prompt=text)
-        outs = lead(eng, lambda: self._run([r[0] for r in requests], use_tqdm))
-        return outs
+
+        def work():
+            outs = self._run([r[0] for r in mine], use_tqdm)
+            if eng.dp_size == 1:
+                return outs
+            by_id = {o.request_id: o for part in eng.gather_across_replicas(outs) for o in part}
+            return [by_id[r[0]] for r in requests]
+
+        return lead(eng, work)
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> List[RequestOutput]:
@@ -101,7 +110,7 @@ def lead(engine, work: Callable[[], Any]):
     except BaseException as e:
         engine.finish_run(SeesawError(f"the leader rank failed: {type(e).__name__}: {e}"))
         raise
-    engine.finish_run(result if engine.runner.replica_size > 1 else None)
+    engine.finish_run(result if engine.runner.replica_size > 1 else None)  # followers return it too
     return result
 
 

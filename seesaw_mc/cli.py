@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", required=True, help="JSONL: one request per line")
     g.add_argument("--output", required=True, help="JSONL: one result per request, appended as they finish")
     g.add_argument("--no-tqdm", action="store_true", help="no progress bar")
+    g.add_argument("--metrics-json", default=None, help="write phase times and every layout transition here")
     d = sub.add_parser("make-demo", help="prepare the bundled SmolLM2-135M-Instruct and run the demo prompts")
     d.add_argument("--model-dir", default=".cache/models/SmolLM2-135M-Instruct")
     d.add_argument("--prompts", default=None, help="demo prompts JSONL (default: examples/demo_prompts.jsonl)")
@@ -130,13 +131,15 @@ def cmd_generate(a) -> int:
     if not eng.is_leader:
         eng.worker_loop()
         return 0
-    for spec in specs:
+    mine = specs[eng.dp_rank::eng.dp_size]  # DP replicas split the requests round-robin
+    for spec in mine:
         eng.add_request(spec.request_id, spec.prompt_token_ids, spec.params, prompt=spec.prompt)
     model_name = os.path.basename(os.path.normpath(a.model))
     t_load = time.perf_counter() - t0
     counts = {"requests": 0, "prompt": 0, "completion": 0}
     t1 = time.perf_counter()
-    with open(a.output, "w", encoding="utf-8") as f:
+    path = a.output if eng.dp_size == 1 else f"{a.output}.dp{eng.dp_rank}.part"
+    with open(path, "w", encoding="utf-8") as f:
         def write(out):
             rec = output_record(by_id[out.request_id], out, model_name)
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -145,8 +148,21 @@ def cmd_generate(a) -> int:
             counts["prompt"] += out.usage["prompt_tokens"]
             counts["completion"] += out.usage["completion_tokens"]
 
-        lead(eng, lambda: run_engine(eng, len(specs), use_tqdm=not a.no_tqdm and sys.stderr.isatty(),
+        lead(eng, lambda: run_engine(eng, len(mine), use_tqdm=not a.no_tqdm and sys.stderr.isatty(),
                                      on_output=write))
+    if eng.dp_size > 1:
+        parts = eng.gather_across_replicas((path, counts))
+        if eng.dp_rank != 0:
+            return 0
+        with open(a.output, "w", encoding="utf-8") as f:
+            for part, _ in parts:
+                with open(part, encoding="utf-8") as g:
+                    f.write(g.read())
+                os.unlink(part)
+        counts = {k: sum(c[k] for _, c in parts) for k in counts}
+    if a.metrics_json:
+        with open(a.metrics_json, "w") as f:
+            json.dump({"engine": eng.stats.as_dict(), "transitions": eng.transitions}, f, indent=2)
     el = time.perf_counter() - t1
     print(f"Throughput: {counts['requests'] / el:.2f} requests/s, {(counts['prompt'] + counts['completion']) / el:.2f} "
           f"total tokens/s, {counts['completion'] / el:.2f} output tokens/s "

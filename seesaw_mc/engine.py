@@ -138,6 +138,8 @@ class LLMEngine:
             max_len = capacity
         self.max_model_len = max_len
         self.is_leader = self.runner.is_leader
+        self.dp_size = config.prefill_layout.dp
+        self.dp_rank = self.runner.groups["prefill"].dp_rank
         self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, bs), config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens,
                                    decode_watermark=config.scheduler.decode_watermark if self.runner.switching
@@ -239,6 +241,14 @@ class LLMEngine:
                     raise plan.payload
                 return plan.payload
             self._run_plan(plan, self.mirror.apply(plan))
+
+    def gather_across_replicas(self, obj) -> list:
+        """Leaders only: every DP replica leader's `obj`, in replica order."""
+        import torch.distributed as dist
+
+        out = [None] * self.dp_size
+        dist.all_gather_object(out, obj, group=self.runner.groups["prefill"].pgs.dp)
+        return out
 
     def finish_run(self, payload=None):
         """Leader: release the workers from worker_loop, handing them `payload`."""
