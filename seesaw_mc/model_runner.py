@@ -162,13 +162,14 @@ class ModelRunner:
         t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
         moved = old is not None and self.models[old] is not self.models[name]
         blocks = list(kv_blocks or [])
-        t_wait = 0.0
+        t_wait = t_out_copy = t_in_copy = 0.0
         t1 = time.perf_counter()
         if moved and blocks:
             g_old = self.groups[old]
             self.host_kv.stage_out(self.kv_views[old], g_old.layer_start,
                                    g_old.tp_rank * self.kv_views[old].num_kv_heads, blocks)
             tb = time.perf_counter()
+            t_out_copy = tb - t1
             dist.barrier(group=self.replica_group)  # every slice is on the host before anyone reads
             t_wait += time.perf_counter() - tb
         t_kv_out = time.perf_counter() - t1
@@ -185,12 +186,14 @@ class ModelRunner:
             self.host_kv.stage_in(self.kv_views[name], g_new.layer_start,
                                   g_new.tp_rank * self.kv_views[name].num_kv_heads, blocks)
             tb = time.perf_counter()
+            t_in_copy = tb - t3
             dist.barrier(group=self.replica_group)  # nobody overwrites the host slice still being read
             t_wait += time.perf_counter() - tb
         t_kv_in = time.perf_counter() - t3
         self.active = name
         rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": t_weights,
                "kv_s": t_kv_out + t_kv_in - t_wait, "barrier_s": t_wait, "kv_blocks": len(blocks),
+               "kv_out_s": t_out_copy, "kv_in_s": t_in_copy,
                "total_s": time.perf_counter() - t0,
                "weight_bytes_copied": weight_bytes,
                "kv_bytes_moved": ((self.host_kv.bytes_out + self.host_kv.bytes_in) if self.host_kv else 0) - kv_bytes0}
