@@ -17,7 +17,7 @@ $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --disable-pip-version-check \
 		-c constraints.txt -e '.[demo,plot,test]' 2>&1 | grep -v 'is ignored: it is neither' || true
-	$(BIN)/python -c "import torch, megatron.core, transformers, seesaw_mc" 
+	$(BIN)/python -W ignore -c "import torch, megatron.core, transformers, seesaw_mc"
 	touch $@
 
 venv: $(STAMP)

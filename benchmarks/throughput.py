@@ -25,6 +25,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 from workloads import make_workload  # noqa: E402
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -37,6 +41,8 @@ def result(name: str, reqs, elapsed: float, extra=None) -> dict:
            "tokens_per_second": (n_in + n_out) / elapsed, "output_tokens_per_second": n_out / elapsed,
            "peak_rss_mb": rss_mb()}
     res.update(extra or {})
+    if rank() != 0:
+        return res
     print(f"[{name}] Throughput: {res['requests_per_second']:.2f} requests/s, {res['tokens_per_second']:.2f} "
           f"total tokens/s, {res['output_tokens_per_second']:.2f} output tokens/s  ({elapsed:.1f} s)", flush=True)
     return res
@@ -45,16 +51,23 @@ def result(name: str, reqs, elapsed: float, extra=None) -> dict:
 def run_seesaw(args, reqs) -> dict:
     from seesaw_mc import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    pre, dec = (args.layouts.split("->") + [None])[:2] if args.layouts else ("tp1", None)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, prefill_layout=pre,
+              decode_layout=dec or pre)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     llm.engine.stats.__init__()
+    n_trans = len(llm.engine.transitions)
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=args.tqdm)
+    outs = llm.generate(prompts, params, use_tqdm=args.tqdm and rank() == 0)
     elapsed = time.perf_counter() - t0
     assert [len(o.outputs[0].token_ids) for o in outs] == [r.output_len for r in reqs]
-    return result("seesaw", reqs, elapsed, {"engine": llm.engine.stats.as_dict()})
+    trans = llm.engine.transitions[n_trans:]
+    return result("seesaw", reqs, elapsed, {
+        "layouts": args.layouts or "tp1", "engine": llm.engine.stats.as_dict(), "transitions": len(trans),
+        "transition_time_s": sum(t["total_s"] for t in trans),
+        "transition_share": sum(t["total_s"] for t in trans) / elapsed})
 
 
 def run_hf(args, reqs) -> dict:
@@ -103,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backends", default="seesaw,hf")
+    p.add_argument("--layouts", default=None,
+                   help="seesaw backend: a static layout (tp2) or a pair (P2->T2); run the script under torchrun")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--hf-max-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
@@ -121,13 +136,18 @@ def main(argv=None) -> int:
                          max_model_len=cfg.get("max_position_embeddings"))
     n_in = sum(len(r.prompt_token_ids) for r in reqs)
     n_out = sum(r.output_len for r in reqs)
-    print(f"workload {args.dataset_name} x{args.length_scale}: {len(reqs)} requests, {n_in} prompt tokens, "
-          f"{n_out} output tokens; {args.threads} threads", flush=True)
+    if rank() == 0:
+        print(f"workload {args.dataset_name} x{args.length_scale}: {len(reqs)} requests, {n_in} prompt tokens, "
+              f"{n_out} output tokens; {args.threads} threads", flush=True)
     results = []
     for name in args.backends.split(","):
         if name not in BACKENDS:
             p.error(f"unknown backend {name!r} ({', '.join(BACKENDS)})")
+        if name != "seesaw" and rank() != 0:
+            continue  # baselines run on one process
         results.append(BACKENDS[name](args, reqs))
+    if rank() != 0:
+        return 0
     base = next((r for r in results if r["backend"] != "seesaw"), None)
     ours = next((r for r in results if r["backend"] == "seesaw"), None)
     summary = {"model": args.model, "dataset": args.dataset_name, "length_scale": args.length_scale,
