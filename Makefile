@@ -27,8 +27,10 @@ $(DEMO_MODEL)/config.json: $(STAMP)
 
 model: $(DEMO_MODEL)/config.json
 
+# A real multi-rank Seesaw job: 3 ranks, pipeline-parallel prefill, tensor-parallel decode
+# (SmolLM2's 9 heads allow tp3, not tp2).
 demo: $(DEMO_MODEL)/config.json
-	$(BIN)/seesaw-mc make-demo --model-dir $(DEMO_MODEL)
+	$(BIN)/seesaw-mc make-demo --model-dir $(DEMO_MODEL) --layouts "P3->T3" --nproc-per-node 3
 
 test: $(DEMO_MODEL)/config.json
 	SEESAW_DEMO_MODEL=$(CURDIR)/$(DEMO_MODEL) $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

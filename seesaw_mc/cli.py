@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompts", default=None, help="demo prompts JSONL (default: examples/demo_prompts.jsonl)")
     d.add_argument("--prepare-only", action="store_true", help="only convert the model")
     d.add_argument("--max-tokens", type=int, default=64)
+    d.add_argument("--layouts", default=None, help="e.g. P3->T3 (SmolLM2's 9 heads allow tp1 or tp3)")
+    d.add_argument("--nproc-per-node", type=int, default=None, help="ranks to launch (torch elastic)")
     return parser
 
 
@@ -182,7 +184,8 @@ def cmd_make_demo(a) -> int:
     demo.prepare_model(a.model_dir)
     if a.prepare_only:
         return 0
-    demo.run_demo(a.model_dir, a.prompts, max_tokens=a.max_tokens)
+    pre, dec = (a.layouts.split("->") + [None])[:2] if a.layouts else ("tp1", None)
+    demo.run_demo(a.model_dir, a.prompts, max_tokens=a.max_tokens, prefill_layout=pre, decode_layout=dec or pre)
     return 0
 
 
@@ -214,6 +217,10 @@ def main(argv=None) -> int:
     _quiet_libraries()
     debug = os.environ.get("SEESAW_DEBUG") == "1"
     if getattr(a, "nproc_per_node", None) and "LOCAL_RANK" not in os.environ:
+        if a.command == "make-demo":  # convert once, before the ranks start
+            from seesaw_mc import demo
+
+            demo.prepare_model(a.model_dir)
         return relaunch(a.nproc_per_node, argv)
     try:
         return {"generate": cmd_generate, "make-demo": cmd_make_demo}[a.command](a)

@@ -84,19 +84,22 @@ def prepare_model(model_dir: str) -> str:
     return model_dir
 
 
-def run_demo(model_dir: str, prompts_file: str | None = None, max_tokens: int = 64) -> None:
+def run_demo(model_dir: str, prompts_file: str | None = None, max_tokens: int = 64, prefill_layout: str = "tp1",
+             decode_layout: str = "tp1") -> None:
     from seesaw_mc import LLM, SamplingParams
 
     prompts_file = prompts_file or DEFAULT_PROMPTS
     with open(prompts_file, encoding="utf-8") as f:
         convs = [json.loads(line)["messages"] for line in f if line.strip()]
     t0 = time.perf_counter()
-    llm = LLM(model_dir)
+    llm = LLM(model_dir, prefill_layout=prefill_layout, decode_layout=decode_layout)
     t_load = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     t1 = time.perf_counter()
     outs = llm.chat(convs, params, use_tqdm=False)
     el = time.perf_counter() - t1
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     for conv, out in zip(convs, outs):
         print(f"\n>>> {conv[-1]['content']}\n{out.outputs[0].text.strip()}")
     n_in = sum(len(o.prompt_token_ids) for o in outs)
@@ -104,3 +107,8 @@ def run_demo(model_dir: str, prompts_file: str | None = None, max_tokens: int = 
     print(f"\nThroughput: {len(outs) / el:.2f} requests/s, {(n_in + n_out) / el:.2f} total tokens/s, "
           f"{n_out / el:.2f} output tokens/s  (model load {t_load:.1f} s, {len(outs)} prompts, "
           f"{n_out} tokens generated)")
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    trans = llm.engine.transitions
+    print(f"layouts: prefill {llm.engine.config.prefill_layout}, decode {llm.engine.config.decode_layout} on {ranks} "
+          f"rank(s); {len(trans)} transition(s)"
+          + (f", {sum(t['total_s'] for t in trans) * 1e3:.1f} ms in all" if trans else ""))

@@ -16,7 +16,7 @@ from seesaw_mc.errors import CapacityError, ConfigError, InputError, ModelError,
 from seesaw_mc.kv.block_manager import BlockManager
 from seesaw_mc.model.hf_import import ModelArgs, load_model_args
 from seesaw_mc.outputs import CompletionOutput, RequestOutput
-from seesaw_mc.sampling import Sampler, step_seed
+from seesaw_mc.sampling import step_seed
 from seesaw_mc.sampling_params import SamplingParams
 from seesaw_mc.scheduler import Phase, Scheduler
 from seesaw_mc.sequence import Sequence

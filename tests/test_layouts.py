@@ -154,3 +154,12 @@ def test_torchrun_cli_seesaw_job(tiny_models, tmp_path):
     assert a.keys() == b.keys() and all(a[k]["token_ids"] == b[k]["token_ids"] for k in a)
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["transitions"] and all(t["kv_s"] >= 0 for t in metrics["transitions"])
+
+
+def test_make_demo_seesaw_job(demo_model):
+    """What `make demo` runs: SmolLM2 answering chat prompts with P3->T3 on 3 ranks."""
+    r = run_cli("make-demo", "--model-dir", demo_model, "--layouts", "P3->T3", "--nproc-per-node", "3",
+                "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Paris" in r.stdout and "Throughput:" in r.stdout
+    assert "prefill tp1pp3, decode tp3pp1 on 3 rank(s); 1 transition(s)" in r.stdout

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -199,18 +199,3 @@ def iter_megatron_tensors(model_dir: str, args: ModelArgs) -> Iterator[Tuple[str
     yield "decoder.final_layernorm.weight", _expect(r.get("model.norm.weight"), (h,), "model.norm.weight")
     if not args.tie_word_embeddings:
         yield "output_layer.weight", _expect(r.get("lm_head.weight"), (args.vocab_size, h), "lm_head.weight")
-
-
-def megatron_param_names(args: ModelArgs) -> List[str]:
-    names = ["embedding.word_embeddings.weight"]
-    for i in range(args.num_layers):
-        p = f"decoder.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "self_attention.linear_qkv.weight"]
-        if args.qkv_bias:
-            names.append(p + "self_attention.linear_qkv.bias")
-        names += [p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight",
-                  p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
-    names.append("decoder.final_layernorm.weight")
-    if not args.tie_word_embeddings:
-        names.append("output_layer.weight")
-    return names
