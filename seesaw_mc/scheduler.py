@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional
+from typing import Deque, List, Optional, Tuple
 
 from seesaw_mc.kv.block_manager import BlockManager, blocks_needed
 from seesaw_mc.sequence import Sequence, SequenceStatus
@@ -31,6 +31,12 @@ class SchedulerOutput:
     phase: Phase
     seqs: List[Sequence]
     preempted: List[Sequence] = field(default_factory=list)
+    # Two-tier KV (SeesawScheduler): (seq, [(device_block, host_block), ...]) to copy
+    # host -> device before the step (swap_in), device -> host before it (swap_out), and
+    # device -> host right after a prefill step (offload).
+    swap_in: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
+    swap_out: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
+    offload: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -131,3 +137,170 @@ class Scheduler:
         self.bm.free(seq)
         seq.status = SequenceStatus.FINISHED
         self.running.remove(seq)
+
+
+class SeesawScheduler(Scheduler):
+    """Transition-minimising scheduling over two KV tiers (Seesaw's third idea).
+
+    The rule (config: SchedulerConfig.decode_watermark):
+      - PREFILL admits waiting prompts, FIFO, while the host tier can take the next prompt's
+        KV and the device tier can hold the step; right after the step the prompts' KV moves
+        to the host tier ("offload") and their device blocks are free again.
+      - When the next prompt does not fit the host tier (or nothing waits): DECODE. Decode
+        keeps the device tier full from the host tier (swap-in) and decodes the resident
+        sequences. Device overflow swaps the newest resident sequence back to the host tier,
+        or, if the host is full too, preempts it for recompute. Nothing is dropped.
+      - Back to PREFILL only when the host tier holds nothing left to decode (every swapped
+        sequence is resident) and the resident KV has fallen to decode_watermark x the device
+        tier's capacity; what is still resident is swapped out to the host first.
+    Every prefill -> decode switch is one layout transition.
+    """
+
+    def __init__(self, device: BlockManager, host: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 decode_watermark: float = 0.25):
+        super().__init__(device, max_num_seqs, max_num_batched_tokens, watermark=0.0)
+        self.host = host
+        self.swapped: Deque[Sequence] = deque()
+        self.phase = Phase.PREFILL
+        self.watermark_tokens = decode_watermark * device.num_blocks * device.block_size
+        self.num_transitions = 0
+
+    def add(self, seq: Sequence) -> None:
+        need = blocks_needed(len(seq) + 1, self.bm.block_size)
+        if need > self.bm.num_blocks or blocks_needed(len(seq), self.host.block_size) > self.host.num_blocks:
+            raise ValueError(f"{seq} needs {need} KV blocks: more than the device tier ({self.bm.num_blocks}) "
+                             f"or the host tier ({self.host.num_blocks}) holds")
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.swapped or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        if self.phase is Phase.DECODE and self._should_prefill():
+            self.phase = Phase.PREFILL
+            # What is still resident goes to the host tier: the prefill layout cannot read it.
+            leftover = list(self.running)
+            self.running.clear()
+            swap_out = [p for p in (self._swap_out(s, preempt=False) for s in reversed(leftover)) if p]
+            out = self._schedule_prefill()
+            if out is not None:
+                out.swap_out = swap_out
+                return out
+            self.phase = Phase.DECODE  # _should_prefill checked the head fits; defensive only
+            out = self._schedule_decode()
+            out.swap_out = swap_out + out.swap_out
+            return out
+        if self.phase is Phase.PREFILL:
+            out = self._schedule_prefill() if self._head_fits() else None
+            if out is not None:
+                return out
+            self.phase = Phase.DECODE
+            self.num_transitions += 1
+        return self._schedule_decode()
+
+    # -- prefill -------------------------------------------------------------------------
+    def _head_fits(self, extra_host_blocks: int = 0) -> bool:
+        if not self.waiting:
+            return False
+        n = len(self.waiting[0])
+        return (blocks_needed(n, self.host.block_size) + extra_host_blocks <= self.host.num_free_blocks
+                and blocks_needed(n, self.bm.block_size) <= self.bm.num_free_blocks)
+
+    def _schedule_prefill(self):
+        batch: List[Sequence] = []
+        num_tokens = 0
+        while self.waiting and len(batch) < self.max_num_seqs and self._head_fits():
+            seq = self.waiting[0]
+            if batch and num_tokens + len(seq) > self.max_num_batched_tokens:
+                break
+            self.bm.allocate(seq)
+            self.host.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.waiting.popleft()
+            batch.append(seq)
+            num_tokens += len(seq)
+        if not batch:
+            return None
+        offload = [(s, list(zip(s.block_table, s.host_block_table))) for s in batch]
+        return SchedulerOutput(Phase.PREFILL, batch, offload=offload)
+
+    def after_prefill(self, seqs: List[Sequence]) -> None:
+        """The step computed and offloaded these prompts: their KV now lives in the host tier."""
+        for s in seqs:
+            if s.status is SequenceStatus.FINISHED:
+                continue
+            self.bm.free(s)
+            s.status = SequenceStatus.WAITING
+            self.swapped.append(s)
+
+    # -- decode --------------------------------------------------------------------------
+    def _should_prefill(self) -> bool:
+        if self.swapped or not self.waiting:
+            return False
+        resident = sum(len(s) for s in self.running)
+        if resident > self.watermark_tokens:
+            return False
+        growth = sum(blocks_needed(len(s) - 1, self.host.block_size) - len(s.host_block_table) for s in self.running)
+        return self._head_fits(extra_host_blocks=growth) or not self.running
+
+    def _schedule_decode(self) -> SchedulerOutput:
+        swap_in = []
+        # Keep the device tier full from the host tier, leaving each resident sequence room to grow.
+        while self.swapped and len(self.running) < self.max_num_seqs:
+            seq = self.swapped[0]
+            need = blocks_needed(len(seq), self.bm.block_size)
+            if need + len(self.running) > self.bm.num_free_blocks and self.running:
+                break
+            if need > self.bm.num_free_blocks:
+                break
+            self.swapped.popleft()
+            self.bm.allocate(seq)
+            n = blocks_needed(len(seq) - 1, self.bm.block_size)
+            swap_in.append((seq, list(zip(seq.block_table[:n], seq.host_block_table[:n]))))
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        scheduled: List[Sequence] = []
+        swap_out, preempted = [], []
+        while self.running and len(scheduled) < self.max_num_seqs:
+            seq = self.running.popleft()
+            while not self.bm.can_append(seq):
+                victim = self.running.pop() if self.running else seq
+                pairs = self._swap_out(victim)
+                if pairs is not None:
+                    swap_out.append(pairs)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.bm.append_slot(seq)
+                scheduled.append(seq)
+        self.running.extendleft(reversed(scheduled))
+        return SchedulerOutput(Phase.DECODE, scheduled, preempted, swap_in=swap_in, swap_out=swap_out)
+
+    def _swap_out(self, seq: Sequence, preempt: bool = True):
+        """Device -> host for a resident sequence, or recompute when the host is full."""
+        if preempt:
+            seq.num_preemptions += 1
+            self.num_preemptions += 1
+        cached = len(seq) - 1  # the last sampled token has no KV yet
+        need = blocks_needed(cached, self.host.block_size) - len(seq.host_block_table)
+        if need <= self.host.num_free_blocks:
+            self.host.allocate(seq, cached)
+            n = blocks_needed(cached, self.bm.block_size)
+            pairs = (seq, list(zip(seq.block_table[:n], seq.host_block_table[:n])))
+            self.bm.free(seq)
+            seq.status = SequenceStatus.WAITING
+            self.swapped.appendleft(seq)
+            return pairs
+        self.bm.free(seq)
+        self.host.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        self.bm.free(seq)
+        self.host.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)

@@ -13,11 +13,15 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    """Blocks of one KV tier. `table` names the Sequence attribute holding this tier's block
+    ids ("block_table" for the device tier, "host_block_table" for the host tier)."""
+
+    def __init__(self, num_blocks: int, block_size: int, table: str = "block_table"):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.table = table
         self._free = deque(range(num_blocks))
 
     @property
@@ -32,12 +36,13 @@ class BlockManager:
     def can_allocate(self, seq) -> bool:
         return blocks_needed(len(seq), self.block_size) <= len(self._free)
 
-    def allocate(self, seq) -> None:
-        assert not seq.block_table, f"{seq} already holds blocks"
-        n = blocks_needed(len(seq), self.block_size)
+    def allocate(self, seq, num_tokens: int = None) -> None:
+        """Give seq blocks for num_tokens tokens (default: all of its tokens)."""
+        table = getattr(seq, self.table)
+        n = blocks_needed(len(seq) if num_tokens is None else num_tokens, self.block_size) - len(table)
         if n > len(self._free):
             raise RuntimeError(f"allocate({seq}) needs {n} blocks, {len(self._free)} free")
-        seq.block_table = [self._free.popleft() for _ in range(n)]
+        table.extend(self._free.popleft() for _ in range(max(n, 0)))
 
     # -- decode: the token at position len(seq)-1 is written this step ------------------
     def needs_new_block(self, seq) -> bool:
@@ -54,9 +59,8 @@ class BlockManager:
 
     def free(self, seq) -> None:
         # Most recently allocated first, so that a re-admitted sequence tends to get warm blocks.
-        self._free.extendleft(reversed(seq.block_table))
-        seq.block_table = []
-        seq.num_cached_tokens = 0
+        self._free.extendleft(reversed(getattr(seq, self.table)))
+        setattr(seq, self.table, [])
 
     def slot(self, seq, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

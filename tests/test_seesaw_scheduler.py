@@ -1,0 +1,108 @@
+"""The transition-minimising scheduler over two KV tiers, with fake capacities (no torch)."""
+import math
+import random
+
+import pytest
+
+from seesaw_mc.kv.block_manager import BlockManager, blocks_needed
+from seesaw_mc.scheduler import Phase, SeesawScheduler
+from seesaw_mc.sequence import Sequence, SequenceStatus
+
+
+class P:
+    greedy = True
+
+
+def arxiv_like(n, seed=0, scale=1.0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = int(min(max(rng.lognormvariate(math.log(4000), 0.45), 1024), 12000) * scale)
+        new = int(min(max(rng.gauss(200, 60), 50), 400) * scale)
+        out.append((Sequence(i, 0, [1] * prompt, P(), seed=0), max(new, 1)))
+    return out
+
+
+def drive(sched, reqs):
+    """Play the engine: apply the step (tokens), hand prefilled prompts to the host tier."""
+    max_new = {s.request_id: m for s, m in reqs}
+    finished, steps, phases = [], 0, []
+    host_pairs_written = {}
+    while sched.has_unfinished():
+        steps += 1
+        assert steps < 200000, "livelock"
+        out = sched.schedule()
+        phases.append(out.phase)
+        for seq, pairs in out.swap_out + out.offload:
+            for d, h in pairs:
+                host_pairs_written[h] = seq.seq_id
+        for seq, pairs in out.swap_in:  # the host blocks read back hold this sequence's KV
+            assert all(host_pairs_written.get(h) == seq.seq_id for _, h in pairs)
+        for s in out.seqs:
+            assert s.status is SequenceStatus.RUNNING
+            assert len(s.block_table) >= blocks_needed(len(s), sched.bm.block_size)
+            s.token_ids.append(1)
+            if s.num_output_tokens >= max_new[s.request_id]:
+                sched.finish(s)
+                finished.append(s.request_id)
+        if out.phase is Phase.PREFILL:
+            sched.after_prefill(out.seqs)
+    return finished, phases
+
+
+def test_arxiv_trace_few_transitions_nothing_lost():
+    reqs = arxiv_like(500)
+    bs = 16
+    host = BlockManager(num_blocks=500_000 // bs, block_size=bs, table="host_block_table")
+    device = BlockManager(num_blocks=60_000 // bs, block_size=bs)
+    sched = SeesawScheduler(device, host, max_num_seqs=64, max_num_batched_tokens=16384, decode_watermark=0.25)
+    for s, _ in reqs:
+        sched.add(s)
+    finished, phases = drive(sched, reqs)
+    assert sorted(finished) == list(range(500))  # none lost, none duplicated
+    total_prompt = sum(s.num_prompt_tokens for s, _ in reqs)
+    bound = math.ceil(total_prompt / (host.num_blocks * bs)) + 1
+    switches = sum(1 for a, b in zip(phases, phases[1:]) if a is Phase.PREFILL and b is Phase.DECODE)
+    assert switches == sched.num_transitions
+    assert sched.num_transitions <= bound, (sched.num_transitions, bound)
+    assert host.num_free_blocks == host.num_blocks and device.num_free_blocks == device.num_blocks
+
+
+@pytest.mark.parametrize("device_blocks,host_blocks", [(40, 200), (40, 60), (200, 40)])
+def test_small_tiers_preempt_and_finish_everything(device_blocks, host_blocks):
+    """Tiers far too small: swaps, recompute and preemption, but every request finishes once."""
+    rng = random.Random(device_blocks + host_blocks)
+    reqs = [(Sequence(i, 0, [1] * rng.randint(1, 60), P(), seed=0), rng.randint(1, 40)) for i in range(80)]
+    device = BlockManager(device_blocks, 4)
+    host = BlockManager(host_blocks, 4, table="host_block_table")
+    sched = SeesawScheduler(device, host, max_num_seqs=16, max_num_batched_tokens=128)
+    for s, _ in reqs:
+        sched.add(s)
+    finished, phases = drive(sched, reqs)
+    assert sorted(finished) == list(range(80))
+    assert sched.num_transitions >= 2
+    assert host.num_free_blocks == host_blocks and device.num_free_blocks == device_blocks
+
+
+def test_no_starvation_fifo_admission():
+    """A long prompt at the head is not overtaken by short ones behind it."""
+    device = BlockManager(100, 4)
+    host = BlockManager(100, 4, table="host_block_table")
+    sched = SeesawScheduler(device, host, max_num_seqs=8, max_num_batched_tokens=1000)
+    long_one = Sequence("long", 0, [1] * 300, P(), seed=0)
+    shorts = [Sequence(f"s{i}", 0, [1] * 10, P(), seed=0) for i in range(20)]
+    for s in shorts[:15]:
+        sched.add(s)
+    sched.add(long_one)
+    for s in shorts[15:]:
+        sched.add(s)
+    max_new = {s.request_id: 5 for s in shorts + [long_one]}
+    finished, _ = drive(sched, [(s, 5) for s in shorts + [long_one]])
+    assert finished.index("long") < max(finished.index(f"s{i}") for i in range(15, 20))
+    assert len(finished) == 21 and max_new
+
+
+def test_never_fitting_prompt_rejected():
+    sched = SeesawScheduler(BlockManager(10, 4), BlockManager(5, 4, table="host_block_table"), 4, 100)
+    with pytest.raises(ValueError, match="host tier"):
+        sched.add(Sequence("x", 0, [1] * 30, P(), seed=0))
