@@ -1,11 +1,12 @@
 """Cost of a Seesaw transition (prefill layout <-> decode layout) and memory per rank.
 
 For 2 ranks (P2->T2) and 4 ranks (P4->T4) on a random Llama of about 57M parameters, the
-driver launches torchrun; each rank fills its KV cache, then switches layouts back and forth.
-Reported per direction (medians): time for process groups, weights and KV (copying, and
-waiting at the barriers apart); bytes moved per rank; and the ratio of weights + KV copy time
-to a plain memcpy of the same number of bytes on the same rank, timed in the same process
-with every rank copying at once (as in a transition). Memory: RSS and PSS per rank against the size of the weights (the master
+driver launches torchrun; each rank fills its KV cache, then plays what a Seesaw cycle does:
+offload the prefill layout's KV to the host tier, switch to decode, swap the KV back in (now
+in the decode layout), switch back. Reported per rank (medians): a transition's time for
+process groups, weights and the barrier, and the weight bytes it copies; each KV swap's time,
+bytes and ratio to a plain memcpy of the same bytes on the same rank, timed in the same
+process with every rank copying at once (as in a swap). Memory: RSS and PSS per rank against the size of the weights (the master
 copy is shared per node, so the node's PSS should hold the weights about once).
 
     python benchmarks/reshard.py [--ranks 2,4] [--output-json benchmarks/results/reshard.json]
@@ -70,42 +71,52 @@ def worker(a) -> None:
     from seesaw_mc import LLM
 
     warnings.filterwarnings("ignore")
-    llm = LLM(a.model, prefill_layout=a.prefill, decode_layout=a.decode, num_device_blocks=a.blocks, block_size=16)
+    llm = LLM(a.model, prefill_layout=a.prefill, decode_layout=a.decode, num_device_blocks=a.blocks,
+              num_host_blocks=a.blocks, block_size=16)
     runner = llm.engine.runner
     # Touch the weights in both layouts (the memory figures below count touched pages).
     from seesaw_mc import SamplingParams
 
     llm.generate([{"prompt_token_ids": list(range(100, 164))}] * 4, SamplingParams(temperature=0, max_tokens=4),
                  use_tqdm=False)
-    runner.activate("prefill", [])
+    runner.activate("prefill")
     for k, v in runner.kv_views["prefill"].layers:  # resident KV to hand over, pages touched
         k.normal_()
         v.normal_()
-    blocks = list(range(a.blocks))
+    pairs = [(b, b) for b in range(a.blocks)]
     recs = {"prefill->decode": [], "decode->prefill": []}
+    swaps = {"to_host": [], "from_host": []}
     for _ in range(a.repeats):
-        recs["prefill->decode"].append(runner.activate("decode", blocks))
-        recs["decode->prefill"].append(runner.activate("prefill", blocks))
-    out = {"rank": dist.get_rank(), "directions": {}}
+        # A prefill phase offloads its KV to the host tier; decode swaps it back in.
+        t = time.perf_counter()
+        runner.swap_out(pairs)
+        swaps["to_host"].append(time.perf_counter() - t)
+        recs["prefill->decode"].append(runner.activate("decode"))
+        t = time.perf_counter()
+        runner.swap_in(pairs)
+        swaps["from_host"].append(time.perf_counter() - t)
+        recs["decode->prefill"].append(runner.activate("prefill"))
+    out = {"rank": dist.get_rank(), "directions": {}, "swaps": {}}
     for d, rs in recs.items():
-        med = {k: statistics.median([r[k] for r in rs]) for k in ("groups_s", "weights_s", "kv_s", "kv_out_s", "kv_in_s", "barrier_s", "total_s",
-                                                    "weight_bytes_copied", "kv_bytes_moved")}
-        moved = int(med["weight_bytes_copied"] + med["kv_bytes_moved"])
-        src = torch.empty(max(moved, 1), dtype=torch.uint8).random_()
+        out["directions"][d] = {k: statistics.median([r[k] for r in rs])
+                                for k in ("groups_s", "weights_s", "barrier_s", "total_s", "weight_bytes_copied")}
+    for d, ts in swaps.items():
+        views = runner.kv_views["prefill" if d == "to_host" else "decode"]
+        nbytes = sum(2 * k[: a.blocks].numel() * k.element_size() for k, _ in views.layers)
+        src = torch.empty(nbytes, dtype=torch.uint8).random_()
         dst = torch.empty_like(src)
         dst.copy_(src)
         times = []
         for _ in range(5):
-            # All ranks copy at once, as they do in a transition: on a small box they share
-            # the memory bandwidth, and the reference must see the same contention.
+            # All ranks copy at once, as they do when swapping: on a small box they share the
+            # memory bandwidth, and the reference must see the same contention.
             dist.barrier()
             t = time.perf_counter()
             dst.copy_(src)
             times.append(time.perf_counter() - t)
-        med["bytes_moved"] = moved
-        med["memcpy_s"] = statistics.median(times)
-        med["ratio_to_memcpy"] = (med["weights_s"] + med["kv_s"]) / med["memcpy_s"] if moved else None
-        out["directions"][d] = med
+        med = statistics.median(ts)
+        out["swaps"][d] = {"seconds": med, "bytes": nbytes, "memcpy_s": statistics.median(times),
+                           "ratio_to_memcpy": med / statistics.median(times)}
     out["rss_mb"] = mem_kb("VmRSS", "/proc/self/status") / 1024
     out["pss_mb"] = mem_kb("Pss", "/proc/self/smaps_rollup") / 1024
     out["weights_mb"] = runner.master.nbytes / 2**20
@@ -140,14 +151,17 @@ def drive(a) -> int:
             results[f"P{n}->T{n}"] = ranks
             print(f"\n== P{n}->T{n}: {n} ranks, weights {ranks[0]['weights_mb']:.0f} MB, "
                   f"KV {a.blocks} blocks of 16 tokens resident")
-            print(f"{'rank':>4} {'direction':>16} {'groups us':>10} {'weights ms':>11} {'kv ms':>8} "
-                  f"{'barrier ms':>11} {'MB moved':>9} {'memcpy ms':>10} {'ratio':>6}")
+            print(f"{'rank':>4} {'transition':>16} {'groups us':>10} {'weights ms':>11} {'barrier ms':>11} "
+                  f"{'weight MB copied':>17}")
             for rk in ranks:
                 for d, m in rk["directions"].items():
-                    ratio = f"{m['ratio_to_memcpy']:.2f}" if m["ratio_to_memcpy"] else "-"
                     print(f"{rk['rank']:>4} {d:>16} {m['groups_s'] * 1e6:>10.1f} {m['weights_s'] * 1e3:>11.2f} "
-                          f"{m['kv_s'] * 1e3:>8.2f} {m['barrier_s'] * 1e3:>11.2f} {m['bytes_moved'] / 2**20:>9.1f} {m['memcpy_s'] * 1e3:>10.2f} "
-                          f"{ratio:>6}")
+                          f"{m['barrier_s'] * 1e3:>11.2f} {m['weight_bytes_copied'] / 2**20:>17.1f}")
+            print(f"{'rank':>4} {'KV swap':>16} {'MB':>8} {'ms':>8} {'memcpy ms':>10} {'ratio':>6}")
+            for rk in ranks:
+                for d, m in rk["swaps"].items():
+                    print(f"{rk['rank']:>4} {d:>16} {m['bytes'] / 2**20:>8.1f} {m['seconds'] * 1e3:>8.2f} "
+                          f"{m['memcpy_s'] * 1e3:>10.2f} {m['ratio_to_memcpy']:>6.2f}")
             wpss = sum(rk["weights_pss_mb"] for rk in ranks)
             print("process RSS per rank MB: " + ", ".join(f"{rk['rss_mb']:.0f}" for rk in ranks)
                   + "; PSS: " + ", ".join(f"{rk['pss_mb']:.0f}" for rk in ranks))

@@ -36,6 +36,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-device-blocks", type=int, default=None, help="exact KV block count (overrides memory)")
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    g.add_argument("--num-host-blocks", type=int, default=None, help="exact host-tier block count (Seesaw pairs)")
+    g.add_argument("--host-memory-bytes", type=int, default=None, help="host KV tier per node (Seesaw pairs)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
     g.add_argument("--prefill-layout", default=None, help="tp2 | pp4 | tp2pp2 | dp2tp2pp1 (default tp1pp1)")
@@ -65,6 +67,7 @@ def _layouts(a) -> dict:
 def _engine_kwargs(a) -> dict:
     return dict(**_layouts(a), decode_watermark=a.decode_watermark, dtype=a.dtype, seed=a.seed, max_model_len=a.max_model_len, block_size=a.block_size,
                 num_device_blocks=a.num_device_blocks, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
+                num_host_blocks=a.num_host_blocks, host_memory_bytes=a.host_memory_bytes,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
 
 
@@ -164,7 +167,9 @@ def cmd_generate(a) -> int:
         counts = {k: sum(c[k] for _, c in parts) for k in counts}
     if a.metrics_json:
         with open(a.metrics_json, "w") as f:
-            json.dump({"engine": eng.stats.as_dict(), "transitions": eng.transitions}, f, indent=2)
+            hk = eng.runner.host_kv
+            swap = {"bytes_to_host": hk.bytes_out if hk else 0, "bytes_from_host": hk.bytes_in if hk else 0}
+            json.dump({"engine": eng.stats.as_dict(), "transitions": eng.transitions, "swap": swap}, f, indent=2)
     el = time.perf_counter() - t1
     print(f"Throughput: {counts['requests'] / el:.2f} requests/s, {(counts['prompt'] + counts['completion']) / el:.2f} "
           f"total tokens/s, {counts['completion'] / el:.2f} output tokens/s "

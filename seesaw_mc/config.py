@@ -61,6 +61,14 @@ class CacheConfig:
     """CUDA: fraction of total GPU memory the process may use, weights included (vLLM's
     gpu_memory_utilization). CPU: the KV budget is min(1 GiB, fraction x available RAM / 4),
     split among the ranks of the node, because the CPU 'device' shares RAM with everything."""
+    num_host_blocks: Optional[int] = None
+    """Exact number of host-tier blocks (whole-model KV, all layers and heads). Only used when
+    the prefill and decode layouts differ."""
+    host_memory_bytes: Optional[int] = None
+    """Host KV tier per node, in bytes. None: host_memory_fraction of available RAM."""
+    host_memory_fraction: float = 0.25
+    """Share of the node's available RAM for the host tier when host_memory_bytes is unset.
+    The tier is a sparse shared-memory file: only blocks in use take memory."""
 
 
 @dataclass
@@ -73,9 +81,9 @@ class SchedulerConfig:
     """Prefill token budget per step (the paper's artifact used 4096). A single prompt longer
     than this is still admitted, alone."""
     decode_watermark: float = 0.25
-    """Only when prefill and decode layouts differ: once decoding, stay in decode until the
-    running batch falls to this fraction of its size at the start of the decode phase (or
-    empties), so that layout transitions stay few."""
+    """Only when prefill and decode layouts differ (SeesawScheduler): go back to prefill once
+    the host tier holds nothing left to decode and the resident decode KV has fallen to this
+    fraction of the device tier's capacity."""
 
 
 @dataclass
@@ -108,6 +116,8 @@ class EngineConfig:
         "num_gpu_blocks_override": ("cache", "num_device_blocks"),
         "kv_cache_memory_bytes": ("cache", "device_memory_bytes"),
         "gpu_memory_utilization": ("cache", "device_memory_fraction"),
+        "num_host_blocks": ("cache", "num_host_blocks"),
+        "host_memory_bytes": ("cache", "host_memory_bytes"),
         "max_num_seqs": ("scheduler", "max_num_seqs"),
         "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
         "decode_watermark": ("scheduler", "decode_watermark"),
@@ -145,6 +155,10 @@ class EngineConfig:
             raise ConfigError(f"num_device_blocks must be a positive integer (got {c.num_device_blocks!r})")
         if c.device_memory_bytes is not None and c.device_memory_bytes <= 0:
             raise ConfigError(f"kv_cache_memory_bytes must be positive (got {c.device_memory_bytes!r})")
+        if c.num_host_blocks is not None and (not isinstance(c.num_host_blocks, int) or c.num_host_blocks < 1):
+            raise ConfigError(f"num_host_blocks must be a positive integer (got {c.num_host_blocks!r})")
+        if not 0.0 < c.host_memory_fraction <= 1.0:
+            raise ConfigError(f"host_memory_fraction must be in (0, 1] (got {c.host_memory_fraction!r})")
         if not 0.0 < c.device_memory_fraction <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1] (got {c.device_memory_fraction!r})")
         if not isinstance(s.max_num_seqs, int) or s.max_num_seqs < 1:

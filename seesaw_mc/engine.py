@@ -18,7 +18,7 @@ from seesaw_mc.model.hf_import import ModelArgs, load_model_args
 from seesaw_mc.outputs import CompletionOutput, RequestOutput
 from seesaw_mc.sampling import step_seed
 from seesaw_mc.sampling_params import SamplingParams
-from seesaw_mc.scheduler import Phase, Scheduler
+from seesaw_mc.scheduler import Phase, Scheduler, SeesawScheduler
 from seesaw_mc.sequence import Sequence
 from seesaw_mc.step_plan import PlanBuilder, SequenceMirror, StepPlan
 
@@ -129,21 +129,27 @@ class LLMEngine:
         self.runner = ModelRunner(config, args, self.dtype, max_len, layouts)
         bs = config.cache.block_size
         capacity = self.runner.num_blocks * bs
+        if self.runner.switching:
+            capacity = min(capacity, self.runner.num_host_blocks * bs)
         if capacity < max_len:
             if config.max_model_len is not None:
                 raise CapacityError(
-                    f"max_model_len {max_len} does not fit the KV cache ({self.runner.num_blocks} blocks of {bs} "
-                    f"tokens = {capacity}); raise the cache size or lower max_model_len")
+                    f"max_model_len {max_len} does not fit the KV cache ({capacity} tokens in blocks of {bs}); "
+                    f"raise the cache size or lower max_model_len")
             log.info("max_model_len capped to the KV cache capacity: %d tokens", capacity)
             max_len = capacity
         self.max_model_len = max_len
         self.is_leader = self.runner.is_leader
         self.dp_size = config.prefill_layout.dp
         self.dp_rank = self.runner.groups["prefill"].dp_rank
-        self.scheduler = Scheduler(BlockManager(self.runner.num_blocks, bs), config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens,
-                                   decode_watermark=config.scheduler.decode_watermark if self.runner.switching
-                                   else None)
+        device = BlockManager(self.runner.num_blocks, bs)
+        if self.runner.switching:
+            # Two layouts: the host tier holds KV between phases; schedule for few transitions.
+            host = BlockManager(self.runner.num_host_blocks, bs, table="host_block_table")
+            self.scheduler = SeesawScheduler(device, host, config.scheduler.max_num_seqs,
+                                             config.scheduler.max_num_batched_tokens, config.scheduler.decode_watermark)
+        else:
+            self.scheduler = Scheduler(device, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
         self.plans = PlanBuilder()
         self.mirror = SequenceMirror()
         self.requests: Dict[Any, _Request] = {}
@@ -194,13 +200,15 @@ class LLMEngine:
         self.stats.preemptions += len(out.preempted)
         for s in out.preempted:
             self.plans.forget(s)
-        if not out.seqs:
-            return []
+        for s, _ in out.swap_out:  # its device blocks are gone: resent whole when swapped back in
+            self.plans.forget(s)
         layout = "prefill" if out.phase is Phase.PREFILL else "decode"
         plan = self.plans.build(out.phase.value, layout, out.seqs)
-        if layout != self.runner.active and self.runner.switching:
-            fresh = {s.seq_id for s in out.seqs} if out.phase is Phase.PREFILL else set()
-            plan.kv_blocks = [b for s in self.scheduler.running if s.seq_id not in fresh for b in s.block_table]
+        plan.swap_out = [p for _, pairs in out.swap_out for p in pairs]
+        plan.swap_in = [p for _, pairs in out.swap_in for p in pairs]
+        plan.offload = [p for _, pairs in out.offload for p in pairs]
+        if not out.seqs and not plan.swap_out and not plan.swap_in:
+            return []
         self.runner.broadcast_plan(plan)
         t0 = time.perf_counter()
         tokens, logprobs = self._run_plan(plan, out.seqs)
@@ -225,12 +233,18 @@ class LLMEngine:
                 req = self.requests[seq.request_id]
                 if all(s.is_finished for s in req.seqs):
                     finished.append(self._make_output(self.requests.pop(seq.request_id)))
+        if out.offload:  # prefilled prompts now live in the host tier
+            for s in out.seqs:
+                self.plans.forget(s)
+            self.scheduler.after_prefill(out.seqs)
         return finished
 
     def _run_plan(self, plan: StepPlan, seqs):
+        # Swap-outs read the device KV in the layout that wrote it: before any transition.
+        self.runner.swap_out(plan.swap_out)
         if plan.layout != self.runner.active:
-            self.runner.activate(plan.layout, plan.kv_blocks)
-        return self.runner.execute(plan.kind == "prefill", seqs)
+            self.runner.activate(plan.layout)
+        return self.runner.execute(plan.kind == "prefill", seqs, swap_in=plan.swap_in, offload=plan.offload)
 
     def worker_loop(self):
         """Non-leader ranks: follow the leader's plans until it says stop; returns its payload."""

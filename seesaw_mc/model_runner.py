@@ -15,7 +15,7 @@ import torch.distributed as dist
 from seesaw_mc.config import Layout
 from seesaw_mc.errors import CapacityError
 from seesaw_mc.kv.host_tier import HostKVBuffer, unlink_quietly
-from seesaw_mc.kv.paged_cache import DeviceKVBuffer, bytes_per_block, device_kv_budget
+from seesaw_mc.kv.paged_cache import DeviceKVBuffer, bytes_per_block, device_kv_budget, host_kv_budget
 from seesaw_mc.model.attention import AttnMetadata, decode_chunks, set_attn_metadata
 from seesaw_mc.model.hf_import import ModelArgs, iter_megatron_tensors
 from seesaw_mc.model.llama import CausalLM
@@ -79,6 +79,7 @@ class ModelRunner:
             for layer, kv in zip(self.models[name].decoder.layers, views.layers):
                 layer.self_attention.kv_cache = kv
         self.switching = len(distinct) > 1
+        self.num_host_blocks = 0
         self.host_kv = self._open_host_kv() if self.switching else None
         self.sampler = Sampler()
         self.active: Optional[str] = None
@@ -136,9 +137,22 @@ class ModelRunner:
                                     f"({max(per_block.values())} bytes each); raise kv_cache_memory_bytes")
         return n, DeviceKVBuffer(n * max(per_block.values()), self.device)
 
+    def _host_blocks(self) -> int:
+        """Host tier size: exact, or a byte budget per node split among its DP replicas."""
+        c = self.config.cache
+        lay = self.groups["prefill"].layout
+        if c.num_host_blocks is not None:
+            return c.num_host_blocks
+        per_block = bytes_per_block(self.args.num_layers, self.block_size, self.args.num_kv_heads,
+                                    self.args.head_dim, self.dtype)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        replicas_here = max(1, min(lay.dp, local // (lay.tp * lay.pp)))
+        return max(1, host_kv_budget(c) // replicas_here // per_block)
+
     def _open_host_kv(self) -> HostKVBuffer:
         lay = self.groups["prefill"].layout
-        shape = HostKVBuffer.shape(lay.dp, self.args.num_layers, self.args.num_kv_heads, self.num_blocks,
+        self.num_host_blocks = self._host_blocks()
+        shape = HostKVBuffer.shape(lay.dp, self.args.num_layers, self.args.num_kv_heads, self.num_host_blocks,
                                    self.block_size, self.args.head_dim)
         path = os.path.join(shm_dir(), f"seesaw-{self._job}-kv-{os.environ.get('GROUP_RANK', '0')}")
         try:
@@ -152,52 +166,46 @@ class ModelRunner:
                 unlink_quietly(path)
         return buf
 
+    # -- the host tier ----------------------------------------------------------------------
+    def _kv_slice(self):
+        g = self.groups[self.active]
+        views = self.kv_views[self.active]
+        return views, g.layer_start, g.tp_rank * views.num_kv_heads
+
+    def swap_out(self, pairs) -> None:
+        """Device -> host tier for (device_block, host_block) pairs, in the active layout."""
+        if pairs:
+            self.host_kv.copy_out(*self._kv_slice(), pairs)
+
+    def swap_in(self, pairs) -> None:
+        """Host tier -> device for (device_block, host_block) pairs, in the active layout."""
+        if pairs:
+            self.host_kv.copy_in(*self._kv_slice(), pairs)
+
     # -- transitions ------------------------------------------------------------------------
-    def activate(self, name: str, kv_blocks: Optional[List[int]] = None) -> dict:
-        """Switch to layout `name`: its process groups, its weight shards, and the KV of the
-        resident sequences (through the host buffer). Collective over the replica."""
+    def activate(self, name: str) -> dict:
+        """Switch to layout `name`: its process groups and its weight shards. KV needs no move:
+        between the phases it lives in the host tier; the barrier orders one layout's writes
+        there before the other layout's reads. Collective over the replica."""
         old = self.active
         t0 = time.perf_counter()
-        g_new = self.groups[name]
-        t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
         moved = old is not None and self.models[old] is not self.models[name]
-        blocks = list(kv_blocks or [])
-        t_wait = t_out_copy = t_in_copy = 0.0
+        t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
         t1 = time.perf_counter()
-        if moved and blocks:
-            g_old = self.groups[old]
-            self.host_kv.stage_out(self.kv_views[old], g_old.layer_start,
-                                   g_old.tp_rank * self.kv_views[old].num_kv_heads, blocks)
-            tb = time.perf_counter()
-            t_out_copy = tb - t1
-            dist.barrier(group=self.replica_group)  # every slice is on the host before anyone reads
-            t_wait += time.perf_counter() - tb
-        t_kv_out = time.perf_counter() - t1
-        t2 = time.perf_counter()
         weight_bytes = 0
-        kv_bytes0 = (self.host_kv.bytes_out + self.host_kv.bytes_in) if self.host_kv else 0
         if old is None or moved:
             if moved:
                 self.models[old].release_weights()
             weight_bytes = self.models[name].load_full_tensors(self.master.tensors())
-        t_weights = time.perf_counter() - t2
-        t3 = time.perf_counter()
-        if moved and blocks:
-            self.host_kv.stage_in(self.kv_views[name], g_new.layer_start,
-                                  g_new.tp_rank * self.kv_views[name].num_kv_heads, blocks)
-            tb = time.perf_counter()
-            t_in_copy = tb - t3
-            dist.barrier(group=self.replica_group)  # nobody overwrites the host slice still being read
-            t_wait += time.perf_counter() - tb
-        t_kv_in = time.perf_counter() - t3
+        t_weights = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        if moved:
+            dist.barrier(group=self.replica_group)
+        t_wait = time.perf_counter() - t2
         self.active = name
-        rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": t_weights,
-               "kv_s": t_kv_out + t_kv_in - t_wait, "barrier_s": t_wait, "kv_blocks": len(blocks),
-               "kv_out_s": t_out_copy, "kv_in_s": t_in_copy,
-               "total_s": time.perf_counter() - t0,
-               "weight_bytes_copied": weight_bytes,
-               "kv_bytes_moved": ((self.host_kv.bytes_out + self.host_kv.bytes_in) if self.host_kv else 0) - kv_bytes0}
-        if old is not None and moved:
+        rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": t_weights, "barrier_s": t_wait,
+               "weight_bytes_copied": weight_bytes, "total_s": time.perf_counter() - t0, "at": time.time()}
+        if moved:
             self.transitions.append(rec)
         return rec
 
@@ -225,9 +233,13 @@ class ModelRunner:
         return torch.tensor(ids, device=dev), meta
 
     @torch.inference_mode()
-    def execute(self, is_prefill: bool, seqs) -> Optional[tuple]:
-        """Run one phase over `seqs` in the active layout. The leader gets (tokens, logprobs);
-        other ranks get None."""
+    def execute(self, is_prefill: bool, seqs, swap_out=(), swap_in=(), offload=()) -> Optional[tuple]:
+        """Swap KV as told, run one phase over `seqs` in the active layout, offload prefilled KV
+        to the host tier. The leader gets (tokens, logprobs); other ranks get None."""
+        self.swap_out(swap_out)
+        self.swap_in(swap_in)
+        if not seqs:
+            return ([], []) if self.is_leader else None
         g = self.groups[self.active]
         model = self.models[self.active]
         order = None
@@ -238,6 +250,7 @@ class ModelRunner:
         # megatron-core's TP collectives allocate on torch.cuda.current_device().
         with mc.cpu_device_shim():
             self._run_microbatches(is_prefill, seqs, g, model, results)
+        self.swap_out(offload)
         out = None
         if results:
             toks = [t for r in results for t in r[0]]

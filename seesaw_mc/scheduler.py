@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional, Tuple
+from typing import Deque, List, Tuple
 
 from seesaw_mc.kv.block_manager import BlockManager, blocks_needed
 from seesaw_mc.sequence import Sequence, SequenceStatus
@@ -45,7 +45,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 watermark: float = 0.01, decode_watermark: Optional[float] = None):
+                 watermark: float = 0.01):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -54,10 +54,6 @@ class Scheduler:
         self.waiting: Deque[Sequence] = deque()
         self.running: Deque[Sequence] = deque()
         self.num_preemptions = 0
-        # Two layouts: stick to decode until the batch drains to this fraction (see config).
-        self.decode_watermark = decode_watermark
-        self.last_phase: Optional[Phase] = None
-        self._decode_start_size = 0
 
     def add(self, seq: Sequence) -> None:
         need = blocks_needed(len(seq) + 1, self.bm.block_size)
@@ -69,20 +65,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = None
-        if not self._stay_in_decode():
-            out = self._schedule_prefill()
-        if out is None:
-            if self.last_phase is not Phase.DECODE:
-                self._decode_start_size = len(self.running)
-            out = self._schedule_decode()
-        self.last_phase = out.phase
-        return out
-
-    def _stay_in_decode(self) -> bool:
-        if self.decode_watermark is None or self.last_phase is not Phase.DECODE or not self.running:
-            return False
-        return len(self.running) > self.decode_watermark * self._decode_start_size
+        out = self._schedule_prefill()
+        return out if out is not None else self._schedule_decode()
 
     def _schedule_prefill(self):
         batch: List[Sequence] = []

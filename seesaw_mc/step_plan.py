@@ -7,7 +7,7 @@ worker last heard of the sequence and any new blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from seesaw_mc.sequence import Sequence
 
@@ -34,8 +34,12 @@ class StepPlan:
     appended: List[Tuple[int, List[int], List[int]]] = field(default_factory=list)
     """(seq_id, tokens since last sync, blocks since last sync)."""
     freed: List[int] = field(default_factory=list)
-    kv_blocks: Optional[List[int]] = None
-    """At a transition: blocks of resident sequences whose KV moves to the new layout."""
+    swap_out: List[Tuple[int, int]] = field(default_factory=list)
+    """(device_block, host_block) pairs to copy to the host tier before the step."""
+    swap_in: List[Tuple[int, int]] = field(default_factory=list)
+    """(device_block, host_block) pairs to copy from the host tier before the step."""
+    offload: List[Tuple[int, int]] = field(default_factory=list)
+    """(device_block, host_block) pairs to copy to the host tier after a prefill step."""
     payload: Any = None
     """"stop" plans may carry a result for every rank (e.g. generate()'s outputs)."""
 
@@ -55,7 +59,7 @@ class PlanBuilder:
         plan = StepPlan(kind, layout, order=[s.seq_id for s in seqs], freed=self._freed)
         self._freed = []
         for s in seqs:
-            if kind == "prefill":
+            if kind == "prefill" or s.seq_id not in self._synced:  # (re)prefilled or swapped back in
                 plan.new.append(NewSeq(s.seq_id, list(s.token_ids), s.num_prompt_tokens, list(s.block_table),
                                        s.params, s.seed))
             else:

@@ -21,7 +21,8 @@ def main():
     results = {}
     for case in spec["cases"]:
         llm = LLM(case["model"], prefill_layout=case["prefill"], decode_layout=case["decode"],
-                  block_size=4, num_device_blocks=case.get("blocks"), max_num_batched_tokens=case.get("budget", 4096))
+                  block_size=4, num_device_blocks=case.get("blocks"), num_host_blocks=case.get("host_blocks"),
+                  max_num_batched_tokens=case.get("budget", 4096))
         prompts = [{"prompt_token_ids": p} for p in prompts_for(case.get("seed", 0), n=case.get("n", 10),
                                                                   vocab=case.get("vocab", 320))]
         greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=case["max_tokens"]), use_tqdm=False)

@@ -1,10 +1,11 @@
 """The host KV tier: one buffer per node in shared memory, head-major (HND).
 
-Shape [dp, num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim]: for a given layer
-and K or V, a TP rank's heads are one contiguous slice, and a block's tokens follow each
-other. Block ids are the same as the device cache's (the block manager is layout-agnostic),
-so handing sequences from one layout to another is: every rank of the old layout writes its
-(layers, heads) of the blocks, a barrier, every rank of the new layout reads its own.
+Shape [dp, num_layers, 2, num_kv_heads, num_host_blocks, block_size, head_dim]: for a given
+layer and K or V, a TP rank's heads are one contiguous slice, and a block's tokens follow each
+other. Prefill offloads each prompt's KV here right after computing it (every rank writes its
+layers x heads in the prefill layout); decode swaps sequences back into device blocks (every
+rank reads its own layers x heads in the decode layout). A barrier at each layout transition
+orders the writes of one layout before the reads of the other.
 """
 from __future__ import annotations
 
@@ -40,38 +41,41 @@ class HostKVBuffer:
         buf = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         return cls(buf.view(dtype).view(shape), dp_rank)
 
-    def stage_out(self, views: KVCacheViews, layer_start: int, head_start: int, block_ids) -> None:
-        """Device blocks of this rank's layers/heads -> host (HND)."""
+    def copy_out(self, views: KVCacheViews, layer_start: int, head_start: int, pairs) -> None:
+        """Device -> host for (device_block, host_block) pairs: this rank's layers and heads."""
         h = views.num_kv_heads
-        for a, b in block_runs(block_ids):
+        for (d0, h0, n) in block_runs(pairs):
             for i, (k, v) in enumerate(views.layers):
                 for j, dev in enumerate((k, v)):
-                    # One strided copy per run of consecutive blocks: [n, bs, h, d] -> [h, n, bs, d].
-                    # NOTE: this transposition runs at about 1/3 of memcpy speed on CPU; a
+                    # [n, bs, h, d] -> [h, n, bs, d]: heads outermost on the host (HND).
+                    # NOTE: this transposition runs at ~1/2-1/3 of memcpy speed on CPU; a
                     # head-major device cache would avoid it but makes decode's block gather
-                    # 3x slower (measured), and decode steps far outnumber transitions.
-                    self.t[layer_start + i, j, head_start:head_start + h, a:b].copy_(dev[a:b].permute(2, 0, 1, 3))
-                    self.bytes_out += (b - a) * dev[0].numel() * dev.element_size()
+                    # 3x slower (measured), and decode steps far outnumber swaps.
+                    self.t[layer_start + i, j, head_start:head_start + h, h0:h0 + n].copy_(
+                        dev[d0:d0 + n].permute(2, 0, 1, 3))
+                    self.bytes_out += n * dev[0].numel() * dev.element_size()
 
-    def stage_in(self, views: KVCacheViews, layer_start: int, head_start: int, block_ids) -> None:
-        """Host (HND) -> device blocks of this rank's layers/heads."""
+    def copy_in(self, views: KVCacheViews, layer_start: int, head_start: int, pairs) -> None:
+        """Host -> device for (device_block, host_block) pairs: this rank's layers and heads."""
         h = views.num_kv_heads
-        for a, b in block_runs(block_ids):
+        for (d0, h0, n) in block_runs(pairs):
             for i, (k, v) in enumerate(views.layers):
                 for j, dev in enumerate((k, v)):
-                    dev[a:b].copy_(self.t[layer_start + i, j, head_start:head_start + h, a:b].permute(1, 2, 0, 3))
-                    self.bytes_in += (b - a) * dev[0].numel() * dev.element_size()
+                    dev[d0:d0 + n].copy_(self.t[layer_start + i, j, head_start:head_start + h, h0:h0 + n]
+                                         .permute(1, 2, 0, 3))
+                    self.bytes_in += n * dev[0].numel() * dev.element_size()
 
 
-def block_runs(block_ids) -> List[Tuple[int, int]]:
-    """Sorted block ids -> half-open runs of consecutive ids (the allocator hands out runs)."""
-    runs: List[Tuple[int, int]] = []
-    for b in sorted(set(int(x) for x in block_ids)):
-        if runs and runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], b + 1)
+def block_runs(pairs) -> List[Tuple[int, int, int]]:
+    """(device, host) block pairs -> runs (device_start, host_start, length) where both ids
+    are consecutive: one strided copy per run instead of one per block."""
+    runs: List[List[int]] = []
+    for d, h in sorted((int(a), int(b)) for a, b in pairs):
+        if runs and runs[-1][0] + runs[-1][2] == d and runs[-1][1] + runs[-1][2] == h:
+            runs[-1][2] += 1
         else:
-            runs.append((b, b + 1))
-    return runs
+            runs.append([d, h, 1])
+    return [tuple(r) for r in runs]
 
 
 def unlink_quietly(path: str) -> None:

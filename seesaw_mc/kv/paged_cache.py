@@ -70,3 +70,10 @@ class DeviceKVBuffer:
         n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         cache = self.buf[:n].view(dtype).view(shape)
         return KVCacheViews([(cache[i, 0], cache[i, 1]) for i in range(num_layers)], kv_heads)
+
+
+def host_kv_budget(cache_cfg) -> int:
+    """Bytes of the host KV tier per node (see CacheConfig.host_memory_bytes)."""
+    if cache_cfg.host_memory_bytes is not None:
+        return int(cache_cfg.host_memory_bytes)
+    return int(cache_cfg.host_memory_fraction * available_host_bytes())
