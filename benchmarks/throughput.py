@@ -53,7 +53,7 @@ def run_seesaw(args, reqs) -> dict:
 
     pre, dec = (args.layouts.split("->") + [None])[:2] if args.layouts else ("tp1", None)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, prefill_layout=pre,
-              decode_layout=dec or pre)
+              decode_layout=dec or pre, num_host_blocks=args.num_host_blocks)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
@@ -64,10 +64,19 @@ def run_seesaw(args, reqs) -> dict:
     elapsed = time.perf_counter() - t0
     assert [len(o.outputs[0].token_ids) for o in outs] == [r.output_len for r in reqs]
     trans = llm.engine.transitions[n_trans:]
+    hk = llm.engine.runner.host_kv
+    if args.timeline and rank() == 0:
+        from seesaw_mc.timeline import plot_timeline
+
+        plot_timeline(args.timeline, llm.engine.stats.timeline, trans,
+                      title=f"{args.dataset_name} x{args.length_scale}, {args.layouts}: {len(trans)} transitions, "
+                            f"{sum(t['total_s'] for t in trans) / elapsed:.2%} of {elapsed:.0f} s")
     return result("seesaw", reqs, elapsed, {
         "layouts": args.layouts or "tp1", "engine": llm.engine.stats.as_dict(), "transitions": len(trans),
         "transition_time_s": sum(t["total_s"] for t in trans),
-        "transition_share": sum(t["total_s"] for t in trans) / elapsed})
+        "transition_share": sum(t["total_s"] for t in trans) / elapsed,
+        "swap_bytes_to_host": hk.bytes_out if hk else 0, "swap_bytes_from_host": hk.bytes_in if hk else 0,
+        "host_blocks": llm.engine.runner.num_host_blocks, "device_blocks": llm.engine.runner.num_blocks})
 
 
 def run_hf(args, reqs) -> dict:
@@ -122,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--hf-max-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     p.add_argument("--tqdm", action="store_true")
+    p.add_argument("--timeline", default=None, help="seesaw backend: draw phases/transitions/tier use to this PNG")
+    p.add_argument("--num-host-blocks", type=int, default=None, help="seesaw backend: host tier size (blocks)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")

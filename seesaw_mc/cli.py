@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, help="JSONL: one result per request, appended as they finish")
     g.add_argument("--no-tqdm", action="store_true", help="no progress bar")
     g.add_argument("--metrics-json", default=None, help="write phase times and every layout transition here")
+    g.add_argument("--timeline", default=None, help="draw phases, transitions and KV tier use to this PNG")
     d = sub.add_parser("make-demo", help="prepare the bundled SmolLM2-135M-Instruct and run the demo prompts")
     d.add_argument("--model-dir", default=".cache/models/SmolLM2-135M-Instruct")
     d.add_argument("--prompts", default=None, help="demo prompts JSONL (default: examples/demo_prompts.jsonl)")
@@ -165,11 +166,17 @@ def cmd_generate(a) -> int:
                     f.write(g.read())
                 os.unlink(part)
         counts = {k: sum(c[k] for _, c in parts) for k in counts}
+    if a.timeline:
+        from seesaw_mc.timeline import plot_timeline
+
+        plot_timeline(a.timeline, eng.stats.timeline, eng.transitions, title=f"{eng.config.prefill_layout} -> "
+                      f"{eng.config.decode_layout}: {len(eng.transitions)} transitions")
     if a.metrics_json:
         with open(a.metrics_json, "w") as f:
             hk = eng.runner.host_kv
             swap = {"bytes_to_host": hk.bytes_out if hk else 0, "bytes_from_host": hk.bytes_in if hk else 0}
-            json.dump({"engine": eng.stats.as_dict(), "transitions": eng.transitions, "swap": swap}, f, indent=2)
+            json.dump({"engine": eng.stats.as_dict(), "transitions": eng.transitions, "swap": swap,
+                       "timeline": eng.stats.timeline}, f, indent=2)
     el = time.perf_counter() - t1
     print(f"Throughput: {counts['requests'] / el:.2f} requests/s, {(counts['prompt'] + counts['completion']) / el:.2f} "
           f"total tokens/s, {counts['completion'] / el:.2f} output tokens/s "

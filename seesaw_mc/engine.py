@@ -71,6 +71,8 @@ class EngineStats:
     decode_time: float = 0.0
     steps: Dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     preemptions: int = 0
+    timeline: List[tuple] = field(default_factory=list)
+    """Per step: (start, seconds, phase, batch size, device tier use, host tier use)."""
 
     def as_dict(self) -> dict:
         return {
@@ -213,6 +215,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         tokens, logprobs = self._run_plan(plan, out.seqs)
         dt = time.perf_counter() - t0
+        host = getattr(self.scheduler, "host", None)
+        self.stats.timeline.append((time.time() - dt, dt, out.phase.value, len(out.seqs), self.scheduler.bm.usage,
+                                    host.usage if host is not None else 0.0))
         self.stats.steps[out.phase.value] += 1
         if out.phase is Phase.PREFILL:
             self.stats.prefill_tokens += out.num_tokens

@@ -131,12 +131,14 @@ class SeesawScheduler(Scheduler):
         KV and the device tier can hold the step; right after the step the prompts' KV moves
         to the host tier ("offload") and their device blocks are free again.
       - When the next prompt does not fit the host tier (or nothing waits): DECODE. Decode
-        keeps the device tier full from the host tier (swap-in) and decodes the resident
-        sequences. Device overflow swaps the newest resident sequence back to the host tier,
-        or, if the host is full too, preempts it for recompute. Nothing is dropped.
-      - Back to PREFILL only when the host tier holds nothing left to decode (every swapped
-        sequence is resident) and the resident KV has fallen to decode_watermark x the device
-        tier's capacity; what is still resident is swapped out to the host first.
+        keeps the device tier full from the host tier (swap-in; the host blocks are released
+        once copied) and decodes the resident sequences. Device overflow swaps the newest
+        resident sequence back to the host tier, or, if the host is full too, preempts it
+        for recompute. Nothing is dropped.
+      - Back to PREFILL only when the host tier is drained (every swapped sequence is
+        resident) and the decode batch has fallen to decode_watermark x the largest batch of
+        this decode phase (the most the device tier held); what is still resident is swapped
+        out to the host first.
     Every prefill -> decode switch is one layout transition.
     """
 
@@ -146,8 +148,10 @@ class SeesawScheduler(Scheduler):
         self.host = host
         self.swapped: Deque[Sequence] = deque()
         self.phase = Phase.PREFILL
-        self.watermark_tokens = decode_watermark * device.num_blocks * device.block_size
+        self.decode_watermark = decode_watermark
         self.num_transitions = 0
+        self._peak_running = 0
+        self._copied_in: List[Sequence] = []  # swapped in last step: host blocks free to release
 
     def add(self, seq: Sequence) -> None:
         need = blocks_needed(len(seq) + 1, self.bm.block_size)
@@ -160,6 +164,12 @@ class SeesawScheduler(Scheduler):
         return bool(self.waiting or self.swapped or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        # NOTE: host blocks of sequences swapped in are released one step later, once the
+        # copies of that step are done (this step's swap-outs may reuse them).
+        for s in self._copied_in:
+            if s.status is SequenceStatus.RUNNING:
+                self.host.free(s)
+        self._copied_in = []
         if self.phase is Phase.DECODE and self._should_prefill():
             self.phase = Phase.PREFILL
             # What is still resident goes to the host tier: the prefill layout cannot read it.
@@ -180,6 +190,7 @@ class SeesawScheduler(Scheduler):
                 return out
             self.phase = Phase.DECODE
             self.num_transitions += 1
+            self._peak_running = 0
         return self._schedule_decode()
 
     # -- prefill -------------------------------------------------------------------------
@@ -221,11 +232,11 @@ class SeesawScheduler(Scheduler):
     def _should_prefill(self) -> bool:
         if self.swapped or not self.waiting:
             return False
-        resident = sum(len(s) for s in self.running)
-        if resident > self.watermark_tokens:
+        if len(self.running) > self.decode_watermark * self._peak_running:
             return False
-        growth = sum(blocks_needed(len(s) - 1, self.host.block_size) - len(s.host_block_table) for s in self.running)
-        return self._head_fits(extra_host_blocks=growth) or not self.running
+        leftover = sum(blocks_needed(len(s) - 1, self.host.block_size) - len(s.host_block_table)
+                       for s in self.running)
+        return self._head_fits(extra_host_blocks=leftover) or not self.running
 
     def _schedule_decode(self) -> SchedulerOutput:
         swap_in = []
@@ -243,6 +254,8 @@ class SeesawScheduler(Scheduler):
             swap_in.append((seq, list(zip(seq.block_table[:n], seq.host_block_table[:n]))))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self._copied_in.append(seq)
+        self._peak_running = max(self._peak_running, len(self.running))
         scheduled: List[Sequence] = []
         swap_out, preempted = [], []
         while self.running and len(scheduled) < self.max_num_seqs:

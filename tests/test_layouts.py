@@ -64,6 +64,8 @@ def test_two_ranks(tiny_models, tmp_path, family):
     pairs = [("tp2", "tp2"), ("pp2", "pp2"), ("pp2", "tp2"), ("tp2", "pp2")]
     res = torchrun(2, {"cases": cases(model, pairs, 12)}, tmp_path)
     check(res, model, 12, {"pp2->tp2", "tp2->pp2"})
+    # The device tier is small too: decode overflows it and swaps sequences back to the host.
+    assert res["pp2->tp2"]["preemptions"] > 0 and res["tp2->pp2"]["preemptions"] > 0
 
 
 def test_four_ranks(tiny_models, tmp_path):
@@ -127,7 +129,7 @@ def test_data_parallel_replicas(tiny_models, tmp_path):
     model = tiny_models["llama"]
     spec = {"cases": [{"name": "d2t2", "model": model, "prefill": "dp2tp2", "decode": "dp2tp2", "max_tokens": 12},
                       {"name": "D2P2->D2T2", "model": model, "prefill": "D2P2", "decode": "D2T2", "max_tokens": 12,
-                       "blocks": 24, "host_blocks": 24}]}
+                       "blocks": 24, "host_blocks": 14}]}
     res = torchrun(4, spec, tmp_path)
     first = res["d2t2"]
     ref = hf_greedy(model, first["prompts"], 12)
@@ -146,7 +148,7 @@ def test_torchrun_cli_seesaw_job(tiny_models, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                         "-m", "seesaw_mc", "generate", "--model", model, "--input", str(inp), "--output",
                         str(tmp_path / "seesaw.jsonl"), "--layouts", "P2->T2", "--num-device-blocks", "30", "--num-host-blocks", "30",
-                        "--block-size", "4", "--metrics-json", str(tmp_path / "m.json")],
+                        "--block-size", "4", "--metrics-json", str(tmp_path / "m.json"), "--timeline", str(tmp_path / "t.png")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     one = run_cli("generate", "--model", model, "--input", str(inp), "--output", str(tmp_path / "one.jsonl"))
@@ -155,8 +157,10 @@ def test_torchrun_cli_seesaw_job(tiny_models, tmp_path):
     b = {j["id"]: j for j in map(json.loads, (tmp_path / "one.jsonl").read_text().splitlines())}
     assert a.keys() == b.keys() and all(a[k]["token_ids"] == b[k]["token_ids"] for k in a)
     metrics = json.loads((tmp_path / "m.json").read_text())
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert metrics["transitions"] and all(t["weights_s"] >= 0 for t in metrics["transitions"])
     assert metrics["swap"]["bytes_to_host"] > 0 and metrics["swap"]["bytes_from_host"] > 0
+    assert metrics["timeline"] and {row[2] for row in metrics["timeline"]} == {"prefill", "decode"}
 
 
 def test_make_demo_seesaw_job(demo_model):
