@@ -76,7 +76,16 @@ def run_seesaw(args, reqs) -> dict:
         "transition_time_s": sum(t["total_s"] for t in trans),
         "transition_share": sum(t["total_s"] for t in trans) / elapsed,
         "swap_bytes_to_host": hk.bytes_out if hk else 0, "swap_bytes_from_host": hk.bytes_in if hk else 0,
+        **offload_overlap(llm.engine.runner),
         "host_blocks": llm.engine.runner.num_host_blocks, "device_blocks": llm.engine.runner.num_blocks})
+
+
+def offload_overlap(runner) -> dict:
+    """Background offload time and how much of it the compute hid (1 - waited / copied)."""
+    runner.drain_offloads()
+    st = runner.swap_stats
+    hidden = 1 - st["offload_wait_s"] / st["offload_s"] if st["offload_s"] else None
+    return {"offload_copy_s": st["offload_s"], "offload_wait_s": st["offload_wait_s"], "offload_hidden": hidden}
 
 
 def run_hf(args, reqs) -> dict:

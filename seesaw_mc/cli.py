@@ -174,7 +174,9 @@ def cmd_generate(a) -> int:
     if a.metrics_json:
         with open(a.metrics_json, "w") as f:
             hk = eng.runner.host_kv
-            swap = {"bytes_to_host": hk.bytes_out if hk else 0, "bytes_from_host": hk.bytes_in if hk else 0}
+            eng.runner.drain_offloads()
+            swap = {"bytes_to_host": hk.bytes_out if hk else 0, "bytes_from_host": hk.bytes_in if hk else 0,
+                    **eng.runner.swap_stats}
             json.dump({"engine": eng.stats.as_dict(), "transitions": eng.transitions, "swap": swap,
                        "timeline": eng.stats.timeline}, f, indent=2)
     el = time.perf_counter() - t1

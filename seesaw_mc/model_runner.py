@@ -81,6 +81,9 @@ class ModelRunner:
         self.switching = len(distinct) > 1
         self.num_host_blocks = 0
         self.host_kv = self._open_host_kv() if self.switching else None
+        self._copier = None
+        self._offloads: list = []
+        self.swap_stats = {"offload_s": 0.0, "offload_wait_s": 0.0}
         self.sampler = Sampler()
         self.active: Optional[str] = None
         self.transitions: List[dict] = []
@@ -175,12 +178,41 @@ class ModelRunner:
     def swap_out(self, pairs) -> None:
         """Device -> host tier for (device_block, host_block) pairs, in the active layout."""
         if pairs:
+            self.drain_offloads()
             self.host_kv.copy_out(*self._kv_slice(), pairs)
 
     def swap_in(self, pairs) -> None:
         """Host tier -> device for (device_block, host_block) pairs, in the active layout."""
         if pairs:
+            self.drain_offloads()
             self.host_kv.copy_in(*self._kv_slice(), pairs)
+
+    def offload_async(self, pairs) -> None:
+        """Prefill's KV -> host tier on a background thread, overlapping the next prefill step.
+        NOTE: the scheduler keeps these device blocks allocated for one more step
+        (SeesawScheduler.after_prefill), so the next step never writes into them."""
+        if not pairs:
+            return
+        if self._copier is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-offload")
+        views = self._kv_slice()
+
+        def copy():
+            t = time.perf_counter()
+            self.host_kv.copy_out(*views, pairs)
+            return time.perf_counter() - t
+
+        self._offloads.append(self._copier.submit(copy))
+
+    def drain_offloads(self, keep: int = 0) -> None:
+        """Wait for background offloads, all but the newest `keep`."""
+        while len(self._offloads) > keep:
+            fut = self._offloads.pop(0)
+            t = time.perf_counter()
+            self.swap_stats["offload_s"] += fut.result()
+            self.swap_stats["offload_wait_s"] += time.perf_counter() - t
 
     # -- transitions ------------------------------------------------------------------------
     def activate(self, name: str) -> dict:
@@ -190,6 +222,9 @@ class ModelRunner:
         old = self.active
         t0 = time.perf_counter()
         moved = old is not None and self.models[old] is not self.models[name]
+        if moved:
+            self.drain_offloads()  # the other layout reads what this one wrote
+            t0 = time.perf_counter()
         t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
         t1 = time.perf_counter()
         weight_bytes = 0
@@ -238,6 +273,9 @@ class ModelRunner:
         to the host tier. The leader gets (tokens, logprobs); other ranks get None."""
         self.swap_out(swap_out)
         self.swap_in(swap_in)
+        # Overlap: a prefill step may run while the previous step's offload copies; anything
+        # else waits for every copy (the blocks it frees may be reused now).
+        self.drain_offloads(keep=1 if is_prefill else 0)
         if not seqs:
             return ([], []) if self.is_leader else None
         g = self.groups[self.active]
@@ -250,7 +288,7 @@ class ModelRunner:
         # megatron-core's TP collectives allocate on torch.cuda.current_device().
         with mc.cpu_device_shim():
             self._run_microbatches(is_prefill, seqs, g, model, results)
-        self.swap_out(offload)
+        self.offload_async(offload)
         out = None
         if results:
             toks = [t for r in results for t in r[0]]

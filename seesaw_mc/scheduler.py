@@ -152,6 +152,8 @@ class SeesawScheduler(Scheduler):
         self.num_transitions = 0
         self._peak_running = 0
         self._copied_in: List[Sequence] = []  # swapped in last step: host blocks free to release
+        self._offloading: List[Sequence] = []  # prefilled last step: offload in flight
+        self._offloaded: List[Sequence] = []  # prefilled the step before: offload done
 
     def add(self, seq: Sequence) -> None:
         need = blocks_needed(len(seq) + 1, self.bm.block_size)
@@ -170,6 +172,7 @@ class SeesawScheduler(Scheduler):
             if s.status is SequenceStatus.RUNNING:
                 self.host.free(s)
         self._copied_in = []
+        self._release_offloaded()
         if self.phase is Phase.DECODE and self._should_prefill():
             self.phase = Phase.PREFILL
             # What is still resident goes to the host tier: the prefill layout cannot read it.
@@ -220,13 +223,21 @@ class SeesawScheduler(Scheduler):
         return SchedulerOutput(Phase.PREFILL, batch, offload=offload)
 
     def after_prefill(self, seqs: List[Sequence]) -> None:
-        """The step computed and offloaded these prompts: their KV now lives in the host tier."""
+        """The step computed these prompts; their KV is being offloaded to the host tier in
+        the background while the next step runs, so their device blocks are released one step
+        later (release_offloaded)."""
         for s in seqs:
             if s.status is SequenceStatus.FINISHED:
                 continue
-            self.bm.free(s)
             s.status = SequenceStatus.WAITING
             self.swapped.append(s)
+            self._offloading.append(s)
+
+    def _release_offloaded(self) -> None:
+        for s in self._offloaded:
+            if s.block_table and s.status is not SequenceStatus.RUNNING:
+                self.bm.free(s)
+        self._offloaded, self._offloading = self._offloading, []
 
     # -- decode --------------------------------------------------------------------------
     def _should_prefill(self) -> bool:
