@@ -70,6 +70,9 @@ class ModelRunner:
         self.replica_size = first.layout.tp * first.layout.pp
         self._job = self._job_id()
         self.master = self._open_master()
+        # Weights first: on CUDA the KV budget is what is free once they are loaded.
+        self.models["prefill"].load_full_tensors(self.master.tensors())
+        self.active = "prefill"
         self.num_blocks, self.kv_buffer = self._allocate_kv(max_model_len)
         self.kv_views = {}
         for name, g in self.groups.items():
@@ -85,7 +88,6 @@ class ModelRunner:
         self._offloads: list = []
         self.swap_stats = {"offload_s": 0.0, "offload_wait_s": 0.0}
         self.sampler = Sampler()
-        self.active: Optional[str] = None
         self.transitions: List[dict] = []
 
     # -- start-up -----------------------------------------------------------------------
