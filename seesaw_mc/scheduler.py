@@ -90,15 +90,17 @@ class Scheduler:
         self.running.extend(batch)
         return SchedulerOutput(Phase.PREFILL, batch)
 
-    def _schedule_decode(self) -> SchedulerOutput:
+    def _decode_running(self, evict) -> Tuple[List[Sequence], List[Sequence]]:
+        """Give every running sequence a slot for its next token, evicting the newest ones
+        (evict(victim)) while blocks run out. Returns (scheduled, evicted)."""
         scheduled: List[Sequence] = []
-        preempted: List[Sequence] = []
+        evicted: List[Sequence] = []
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
             while not self.bm.can_append(seq):
                 victim = self.running.pop() if self.running else seq
-                self._preempt(victim)
-                preempted.append(victim)
+                evict(victim)
+                evicted.append(victim)
                 if victim is seq:
                     break
             else:
@@ -106,6 +108,10 @@ class Scheduler:
                 scheduled.append(seq)
         # Keep admission order: scheduled ones first, then the ones beyond max_num_seqs.
         self.running.extendleft(reversed(scheduled))
+        return scheduled, evicted
+
+    def _schedule_decode(self) -> SchedulerOutput:
+        scheduled, preempted = self._decode_running(self._preempt)
         # Preempted sequences go back to the head of the queue, oldest first.
         for seq in sorted(preempted, key=lambda s: s.arrival, reverse=True):
             self.waiting.appendleft(seq)
@@ -267,22 +273,14 @@ class SeesawScheduler(Scheduler):
             self.running.append(seq)
             self._copied_in.append(seq)
         self._peak_running = max(self._peak_running, len(self.running))
-        scheduled: List[Sequence] = []
-        swap_out, preempted = [], []
-        while self.running and len(scheduled) < self.max_num_seqs:
-            seq = self.running.popleft()
-            while not self.bm.can_append(seq):
-                victim = self.running.pop() if self.running else seq
-                pairs = self._swap_out(victim)
-                if pairs is not None:
-                    swap_out.append(pairs)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            else:
-                self.bm.append_slot(seq)
-                scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
+        swap_out = []
+
+        def evict(victim):
+            pairs = self._swap_out(victim)
+            if pairs is not None:
+                swap_out.append(pairs)
+
+        scheduled, preempted = self._decode_running(evict)
         return SchedulerOutput(Phase.DECODE, scheduled, preempted, swap_in=swap_in, swap_out=swap_out)
 
     def _swap_out(self, seq: Sequence, preempt: bool = True):
