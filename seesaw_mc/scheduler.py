@@ -68,23 +68,33 @@ class Scheduler:
         out = self._schedule_prefill()
         return out if out is not None else self._schedule_decode()
 
-    def _schedule_prefill(self):
+    def _admit(self, can_take, take) -> List[Sequence]:
+        """FIFO admission of waiting sequences within the prefill token budget, while
+        can_take(seq, batch) allows; take(seq) gives it its blocks."""
         batch: List[Sequence] = []
         num_tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+        while self.waiting:
             seq = self.waiting[0]
             if batch and num_tokens + len(seq) > self.max_num_batched_tokens:
                 break
-            need = blocks_needed(len(seq), self.bm.block_size)
-            # An empty engine always admits its head (add() checked it fits alone).
-            reserve = self.watermark_blocks if (self.running or batch) else 0
-            if need + reserve > self.bm.num_free_blocks:
+            if not can_take(seq, batch):
                 break
-            self.bm.allocate(seq)
+            take(seq)
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
             batch.append(seq)
             num_tokens += len(seq)
+        return batch
+
+    def _schedule_prefill(self):
+        def can_take(seq, batch):
+            if len(self.running) + len(batch) >= self.max_num_seqs:
+                return False
+            # An empty engine always admits its head (add() checked it fits alone).
+            reserve = self.watermark_blocks if (self.running or batch) else 0
+            return blocks_needed(len(seq), self.bm.block_size) + reserve <= self.bm.num_free_blocks
+
+        batch = self._admit(can_take, self.bm.allocate)
         if not batch:
             return None
         self.running.extend(batch)
@@ -211,18 +221,11 @@ class SeesawScheduler(Scheduler):
                 and blocks_needed(n, self.bm.block_size) <= self.bm.num_free_blocks)
 
     def _schedule_prefill(self):
-        batch: List[Sequence] = []
-        num_tokens = 0
-        while self.waiting and len(batch) < self.max_num_seqs and self._head_fits():
-            seq = self.waiting[0]
-            if batch and num_tokens + len(seq) > self.max_num_batched_tokens:
-                break
+        def take(seq):
             self.bm.allocate(seq)
             self.host.allocate(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.waiting.popleft()
-            batch.append(seq)
-            num_tokens += len(seq)
+
+        batch = self._admit(lambda seq, batch: len(batch) < self.max_num_seqs and self._head_fits(), take)
         if not batch:
             return None
         offload = [(s, list(zip(s.block_table, s.host_block_table))) for s in batch]
