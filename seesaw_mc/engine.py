@@ -192,9 +192,6 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def num_unfinished_requests(self) -> int:
-        return len(self.requests)
-
     # -- one step -----------------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
         """Leader: schedule, tell the replica, run the phase, sample, collect finished requests."""
@@ -227,7 +224,6 @@ class LLMEngine:
             self.stats.decode_time += dt
         finished: List[RequestOutput] = []
         for seq, tok, lp in zip(out.seqs, tokens, logprobs):
-            seq.num_cached_tokens = len(seq)
             seq.token_ids.append(tok)
             if lp is not None:
                 seq.cumulative_logprob += lp[0]

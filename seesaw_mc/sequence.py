@@ -24,7 +24,7 @@ class Sequence:
 
     __slots__ = (
         "seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "params", "status",
-        "block_table", "host_block_table", "num_cached_tokens", "finish_reason", "stop_reason", "arrival",
+        "block_table", "host_block_table", "finish_reason", "stop_reason", "arrival",
         "num_preemptions", "logprobs", "cumulative_logprob", "text", "seed",
     )
 
@@ -40,7 +40,6 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: List[int] = []
         self.host_block_table: List[int] = []
-        self.num_cached_tokens = 0
         self.finish_reason: Optional[str] = None
         self.stop_reason = None
         self.num_preemptions = 0

@@ -11,7 +11,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -145,8 +145,6 @@ class LayoutGroups:
     dp_rank: int
     layer_start: int
     layer_end: int
-    pp_ranks: List[int]
-    """Global ranks of this rank's pipeline (same tp_rank and dp_rank), by stage."""
     comm: Optional[P2PCommunicator] = None
 
     @property
@@ -193,8 +191,7 @@ def build_layout_groups(layouts: Dict[str, object], num_layers: int, config_for_
         tp_rank, rest = rank % lay.tp, rank // lay.tp
         pp_rank, dp_rank = rest % lay.pp, rest // lay.pp
         start, end = stage_layer_range(num_layers, lay.pp, pp_rank)
-        pp_ranks = [tp_rank + lay.tp * (s + lay.pp * dp_rank) for s in range(lay.pp)]
-        g = LayoutGroups(name, lay, pgs, tp_rank, pp_rank, dp_rank, start, end, pp_ranks)
+        g = LayoutGroups(name, lay, pgs, tp_rank, pp_rank, dp_rank, start, end)
         if lay.pp > 1:
             with cpu_device_shim():
                 g.comm = P2PCommunicator(pp_group=pgs.pp, config=config_for_p2p)
