@@ -50,10 +50,11 @@ def result(name: str, reqs, elapsed: float, extra=None) -> dict:
 
 def run_seesaw(args, reqs) -> dict:
     from seesaw_mc import LLM, SamplingParams
+    from seesaw_mc.config import Layout
 
-    pre, dec = (args.layouts.split("->") + [None])[:2] if args.layouts else ("tp1", None)
+    pre, dec = Layout.parse_pair(args.layouts)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, prefill_layout=pre,
-              decode_layout=dec or pre, num_host_blocks=args.num_host_blocks)
+              decode_layout=dec, num_host_blocks=args.num_host_blocks)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up

@@ -54,14 +54,11 @@ def _layouts(a) -> dict:
     if a.layouts and (a.prefill_layout or a.decode_layout):
         raise SeesawError("give either --layouts or --prefill-layout/--decode-layout, not both")
     if a.layouts:
-        parts = a.layouts.split("->")
-        if len(parts) > 2:
-            raise SeesawError(f"invalid --layouts {a.layouts!r}: expected PREFILL->DECODE, e.g. P4->T4")
-        pre, dec = parts[0], parts[-1]
+        pre, dec = Layout.parse_pair(a.layouts)
     else:
-        pre = a.prefill_layout or a.decode_layout or "tp1"
-        dec = a.decode_layout or pre
-    return {"prefill_layout": Layout.parse(pre), "decode_layout": Layout.parse(dec)}
+        pre = Layout.parse(a.prefill_layout or a.decode_layout or "tp1")
+        dec = Layout.parse(a.decode_layout) if a.decode_layout else pre
+    return {"prefill_layout": pre, "decode_layout": dec}
 
 
 def _engine_kwargs(a) -> dict:
@@ -198,8 +195,10 @@ def cmd_make_demo(a) -> int:
     demo.prepare_model(a.model_dir)
     if a.prepare_only:
         return 0
-    pre, dec = (a.layouts.split("->") + [None])[:2] if a.layouts else ("tp1", None)
-    demo.run_demo(a.model_dir, a.prompts, max_tokens=a.max_tokens, prefill_layout=pre, decode_layout=dec or pre)
+    from seesaw_mc.config import Layout
+
+    pre, dec = Layout.parse_pair(a.layouts)
+    demo.run_demo(a.model_dir, a.prompts, max_tokens=a.max_tokens, prefill_layout=pre, decode_layout=dec)
     return 0
 
 

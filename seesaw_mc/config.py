@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 from seesaw_mc.errors import ConfigError
 
@@ -42,6 +42,14 @@ class Layout:
         if min(dp, tp, pp) < 1:
             raise ConfigError(f"invalid layout {text!r}: degrees must be >= 1")
         return cls(tp=tp, pp=pp, dp=dp)
+
+    @classmethod
+    def parse_pair(cls, text: Optional[str]) -> "Tuple[Layout, Layout]":
+        """`PREFILL->DECODE` (P4->T4, D2P4->D2T4, pp2->tp2) or one static layout; None: tp1."""
+        parts = (text or "tp1").split("->")
+        if len(parts) > 2:
+            raise ConfigError(f"invalid layouts {text!r}: expected PREFILL->DECODE, e.g. P4->T4")
+        return cls.parse(parts[0]), cls.parse(parts[-1])
 
     def __str__(self) -> str:
         return (f"dp{self.dp}" if self.dp > 1 else "") + f"tp{self.tp}pp{self.pp}"

@@ -84,8 +84,8 @@ def prepare_model(model_dir: str) -> str:
     return model_dir
 
 
-def run_demo(model_dir: str, prompts_file: str | None = None, max_tokens: int = 64, prefill_layout: str = "tp1",
-             decode_layout: str = "tp1") -> None:
+def run_demo(model_dir: str, prompts_file: str | None = None, max_tokens: int = 64, prefill_layout="tp1",
+             decode_layout="tp1") -> None:
     from seesaw_mc import LLM, SamplingParams
 
     prompts_file = prompts_file or DEFAULT_PROMPTS
