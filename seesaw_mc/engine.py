@@ -156,7 +156,6 @@ class LLMEngine:
         self.mirror = SequenceMirror()
         self.requests: Dict[Any, _Request] = {}
         self.stats = EngineStats()
-        self.runner.activate("prefill")
 
     @property
     def transitions(self) -> List[dict]:

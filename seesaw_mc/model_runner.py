@@ -3,7 +3,6 @@ execution of a step: micro-batches through the pipeline stages, logits, sampling
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 import uuid
@@ -22,9 +21,6 @@ from seesaw_mc.model.llama import CausalLM
 from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.reshard import MasterWeights, fc1_interleave_factor, interleave_fc1, shm_dir
 from seesaw_mc.sampling import Sampler
-
-log = logging.getLogger("seesaw_mc")
-
 
 def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
     """Contiguous micro-batches, balanced by tokens (prefill) or count (decode)."""
@@ -58,11 +54,10 @@ class ModelRunner:
         groups = mc.build_layout_groups(distinct, args.num_layers, p2p_cfg)
         self.groups = {name: groups[str(lay)] for name, lay in layouts.items()}
         self.fc1_pairs = fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
-        self.models = {}
-        for key, g in groups.items():
-            self.models[key] = CausalLM(args, dtype, self.device, max_len=max_model_len, tp_group=g.tp_group,
-                                        layer_start=g.layer_start, layer_end=g.layer_end, fc1_pairs=self.fc1_pairs)
-        self.models = {name: self.models[str(lay)] for name, lay in layouts.items()}
+        shards = {key: CausalLM(args, dtype, self.device, max_len=max_model_len, tp_group=g.tp_group,
+                                layer_start=g.layer_start, layer_end=g.layer_end, fc1_pairs=self.fc1_pairs)
+                  for key, g in groups.items()}
+        self.models = {name: shards[str(lay)] for name, lay in layouts.items()}
         first = self.groups["prefill"]
         self.replica_group = first.pgs.mp
         self.leader_rank = first.dp_rank * first.layout.tp * first.layout.pp
@@ -101,26 +96,37 @@ class ModelRunner:
         if dist.get_world_size() > 1:
             dist.barrier()
 
-    def _open_master(self) -> MasterWeights:
-        """Local rank 0 converts the checkpoint once per node; every rank maps the result."""
-        path = os.path.join(shm_dir(), f"seesaw-{self._job}-weights-{os.environ.get('GROUP_RANK', '0')}")
+    def _node_shared(self, kind: str, create, open_):
+        """A file in /dev/shm shared by the ranks of a node: local rank 0 runs create(path),
+        then every rank open_(path). It is unlinked as soon as every rank has mapped it, so
+        nothing is left behind in /dev/shm, even after a crash."""
+        path = os.path.join(shm_dir(), f"seesaw-{self._job}-{kind}-{os.environ.get('GROUP_RANK', '0')}")
         try:
             if self.local_rank == 0:
-                tensors = ((n, interleave_fc1(t, self.fc1_pairs) if n.endswith("linear_fc1.weight") else t)
-                           for n, t in iter_megatron_tensors(self.config.model, self.args))
-                index = MasterWeights.write(path, tensors, self.dtype)
-                with open(path + ".json", "w") as f:
-                    json.dump(index, f)
+                create(path)
             self._node_barrier()
-            with open(path + ".json") as f:
-                master = MasterWeights.open(path, json.load(f))
+            obj = open_(path)
             self._node_barrier()
         finally:
             if self.local_rank == 0:
-                # Mapped everywhere now: nothing is left behind in /dev/shm, even after a crash.
                 unlink_quietly(path)
                 unlink_quietly(path + ".json")
-        return master
+        return obj
+
+    def _open_master(self) -> MasterWeights:
+        """Local rank 0 converts the checkpoint once per node; every rank maps the result."""
+        def create(path):
+            tensors = ((n, interleave_fc1(t, self.fc1_pairs) if n.endswith("linear_fc1.weight") else t)
+                       for n, t in iter_megatron_tensors(self.config.model, self.args))
+            index = MasterWeights.write(path, tensors, self.dtype)
+            with open(path + ".json", "w") as f:
+                json.dump(index, f)
+
+        def open_(path):
+            with open(path + ".json") as f:
+                return MasterWeights.open(path, json.load(f))
+
+        return self._node_shared("weights", create, open_)
 
     def _allocate_kv(self, max_model_len: int) -> Tuple[int, DeviceKVBuffer]:
         c = self.config.cache
@@ -155,21 +161,13 @@ class ModelRunner:
         return max(1, host_kv_budget(c) // replicas_here // per_block)
 
     def _open_host_kv(self) -> HostKVBuffer:
-        lay = self.groups["prefill"].layout
+        g = self.groups["prefill"]
         self.num_host_blocks = self._host_blocks()
-        shape = HostKVBuffer.shape(lay.dp, self.args.num_layers, self.args.num_kv_heads, self.num_host_blocks,
+        shape = HostKVBuffer.shape(g.layout.dp, self.args.num_layers, self.args.num_kv_heads, self.num_host_blocks,
                                    self.block_size, self.args.head_dim)
-        path = os.path.join(shm_dir(), f"seesaw-{self._job}-kv-{os.environ.get('GROUP_RANK', '0')}")
-        try:
-            if self.local_rank == 0:
-                HostKVBuffer.open(path, shape, self.dtype, 0, create=True)
-            self._node_barrier()
-            buf = HostKVBuffer.open(path, shape, self.dtype, self.groups["prefill"].dp_rank, create=False)
-            self._node_barrier()
-        finally:
-            if self.local_rank == 0:
-                unlink_quietly(path)
-        return buf
+        return self._node_shared(
+            "kv", lambda path: HostKVBuffer.open(path, shape, self.dtype, 0, create=True),
+            lambda path: HostKVBuffer.open(path, shape, self.dtype, g.dp_rank, create=False))
 
     # -- the host tier ----------------------------------------------------------------------
     def _kv_slice(self):
@@ -217,33 +215,27 @@ class ModelRunner:
             self.swap_stats["offload_wait_s"] += time.perf_counter() - t
 
     # -- transitions ------------------------------------------------------------------------
-    def activate(self, name: str) -> dict:
+    def activate(self, name: str) -> Optional[dict]:
         """Switch to layout `name`: its process groups and its weight shards. KV needs no move:
         between the phases it lives in the host tier; the barrier orders one layout's writes
-        there before the other layout's reads. Collective over the replica."""
+        there before the other layout's reads. Collective over the replica. Returns the
+        transition's record, or None when `name` shares the active layout's shards."""
         old = self.active
+        self.active = name
+        if self.models[old] is self.models[name]:
+            return None
+        self.drain_offloads()  # the other layout reads what this one wrote
         t0 = time.perf_counter()
-        moved = old is not None and self.models[old] is not self.models[name]
-        if moved:
-            self.drain_offloads()  # the other layout reads what this one wrote
-            t0 = time.perf_counter()
         t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
         t1 = time.perf_counter()
-        weight_bytes = 0
-        if old is None or moved:
-            if moved:
-                self.models[old].release_weights()
-            weight_bytes = self.models[name].load_full_tensors(self.master.tensors())
-        t_weights = time.perf_counter() - t1
+        self.models[old].release_weights()
+        weight_bytes = self.models[name].load_full_tensors(self.master.tensors())
         t2 = time.perf_counter()
-        if moved:
-            dist.barrier(group=self.replica_group)
-        t_wait = time.perf_counter() - t2
-        self.active = name
-        rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": t_weights, "barrier_s": t_wait,
-               "weight_bytes_copied": weight_bytes, "total_s": time.perf_counter() - t0, "at": time.time()}
-        if moved:
-            self.transitions.append(rec)
+        dist.barrier(group=self.replica_group)
+        t3 = time.perf_counter()
+        rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": t2 - t1, "barrier_s": t3 - t2,
+               "weight_bytes_copied": weight_bytes, "total_s": t3 - t0, "at": time.time()}
+        self.transitions.append(rec)
         return rec
 
     # -- one step ---------------------------------------------------------------------------

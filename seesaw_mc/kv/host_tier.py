@@ -9,6 +9,7 @@ orders the writes of one layout before the reads of the other.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Tuple
 
@@ -19,8 +20,7 @@ from seesaw_mc.kv.paged_cache import KVCacheViews
 
 class HostKVBuffer:
     def __init__(self, tensor: torch.Tensor, dp_rank: int):
-        self.full = tensor
-        self.t = tensor[dp_rank]
+        self.t = tensor[dp_rank]  # this DP replica's part (keeps the mapping alive)
         self.bytes_out = 0
         self.bytes_in = 0
 
@@ -30,10 +30,7 @@ class HostKVBuffer:
 
     @classmethod
     def open(cls, path: str, shape, dtype: torch.dtype, dp_rank: int, create: bool) -> "HostKVBuffer":
-        nbytes = 1
-        for s in shape:
-            nbytes *= s
-        nbytes *= torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if create:
             # Sparse file in shared memory: pages exist only once written.
             with open(path, "wb") as f:

@@ -13,7 +13,7 @@ _GiB = 1 << 30
 
 
 def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
 
 def available_host_bytes() -> int:
@@ -67,7 +67,7 @@ class DeviceKVBuffer:
     def views(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
               dtype: torch.dtype) -> KVCacheViews:
         shape = (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n = math.prod(shape) * dtype.itemsize
         cache = self.buf[:n].view(dtype).view(shape)
         return KVCacheViews([(cache[i, 0], cache[i, 1]) for i in range(num_layers)], kv_heads)
 
