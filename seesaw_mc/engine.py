@@ -200,8 +200,7 @@ class LLMEngine:
             self.plans.forget(s)
         for s, _ in out.swap_out:  # its device blocks are gone: resent whole when swapped back in
             self.plans.forget(s)
-        layout = "prefill" if out.phase is Phase.PREFILL else "decode"
-        plan = self.plans.build(out.phase.value, layout, out.seqs)
+        plan = self.plans.build(out.phase.value, out.seqs)
         plan.swap_out = [p for _, pairs in out.swap_out for p in pairs]
         plan.swap_in = [p for _, pairs in out.swap_in for p in pairs]
         plan.offload = [p for _, pairs in out.offload for p in pairs]
@@ -242,8 +241,8 @@ class LLMEngine:
     def _run_plan(self, plan: StepPlan, seqs):
         # Swap-outs read the device KV in the layout that wrote it: before any transition.
         self.runner.swap_out(plan.swap_out)
-        if plan.layout != self.runner.active:
-            self.runner.activate(plan.layout)
+        if plan.kind != self.runner.active:  # layouts are named after the phase they run
+            self.runner.activate(plan.kind)
         return self.runner.execute(plan.kind == "prefill", seqs, swap_in=plan.swap_in, offload=plan.offload)
 
     def worker_loop(self):

@@ -25,9 +25,8 @@ class NewSeq:
 @dataclass
 class StepPlan:
     kind: str
-    """"prefill", "decode" or "stop" (leave the worker loop)."""
-    layout: str = "prefill"
-    """Layout name the step runs in; a change means a transition first."""
+    """"prefill" or "decode" (also the name of the layout the step runs in; a change means a
+    transition first), or "stop" (leave the worker loop)."""
     order: List[int] = field(default_factory=list)
     """Sequence ids of the batch, in batch order."""
     new: List[NewSeq] = field(default_factory=list)
@@ -55,8 +54,8 @@ class PlanBuilder:
         if self._synced.pop(seq.seq_id, None) is not None:
             self._freed.append(seq.seq_id)
 
-    def build(self, kind: str, layout: str, seqs: List[Sequence]) -> StepPlan:
-        plan = StepPlan(kind, layout, order=[s.seq_id for s in seqs], freed=self._freed)
+    def build(self, kind: str, seqs: List[Sequence]) -> StepPlan:
+        plan = StepPlan(kind, order=[s.seq_id for s in seqs], freed=self._freed)
         self._freed = []
         for s in seqs:
             if kind == "prefill" or s.seq_id not in self._synced:  # (re)prefilled or swapped back in

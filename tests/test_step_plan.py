@@ -11,13 +11,13 @@ def test_plans_carry_diffs_and_mirror_tracks_leader():
     a.block_table, b.block_table = [0, 1], [2]
     builder, mirror = PlanBuilder(), SequenceMirror()
 
-    plan = builder.build("prefill", "prefill", [a, b])
+    plan = builder.build("prefill", [a, b])
     assert [n.token_ids for n in plan.new] == [[1, 2, 3, 4, 5], [7, 8]] and not plan.appended
     got = mirror.apply(plan)
     a.token_ids.append(9)  # sampled by the prefill step
     b.token_ids.append(10)
 
-    plan = builder.build("decode", "decode", [a, b])
+    plan = builder.build("decode", [a, b])
     assert not plan.new
     assert plan.appended == [(a.seq_id, [9], []), (b.seq_id, [10], [])]  # one token each, no new block
     got = mirror.apply(plan)
@@ -27,7 +27,7 @@ def test_plans_carry_diffs_and_mirror_tracks_leader():
     b.token_ids.append(12)
     b.block_table.append(3)
     builder.forget(a)  # finished
-    plan = builder.build("decode", "decode", [b])
+    plan = builder.build("decode", [b])
     assert plan.freed == [a.seq_id] and plan.appended == [(b.seq_id, [12], [3])]
     got = mirror.apply(plan)
     assert a.seq_id not in mirror.seqs
@@ -40,11 +40,11 @@ def test_preempted_sequence_is_resent_whole():
     s = Sequence("s", 0, [1, 2], p, seed=0)
     s.block_table = [0]
     builder, mirror = PlanBuilder(), SequenceMirror()
-    mirror.apply(builder.build("prefill", "prefill", [s]))
+    mirror.apply(builder.build("prefill", [s]))
     s.token_ids.append(3)
     builder.forget(s)  # preempted: blocks freed
     s.block_table = [5]
-    plan = builder.build("prefill", "prefill", [s])
+    plan = builder.build("prefill", [s])
     assert plan.freed == [s.seq_id] and plan.new[0].token_ids == [1, 2, 3]
     got = mirror.apply(plan)
     assert got[0].token_ids == [1, 2, 3] and got[0].num_prompt_tokens == 2 and got[0].block_table == [5]
