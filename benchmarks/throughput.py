@@ -54,18 +54,18 @@ def run_seesaw(args, reqs) -> dict:
 
     pre, dec = Layout.parse_pair(args.layouts)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, prefill_layout=pre,
-              decode_layout=dec, num_host_blocks=args.num_host_blocks)
+              decode_layout=dec, num_host_blocks=args.num_host_blocks, num_device_blocks=args.num_device_blocks)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     llm.engine.stats.__init__()
+    swap0 = llm.engine.runner.swap_summary()
     n_trans = len(llm.engine.transitions)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=args.tqdm and rank() == 0)
     elapsed = time.perf_counter() - t0
     assert [len(o.outputs[0].token_ids) for o in outs] == [r.output_len for r in reqs]
     trans = llm.engine.transitions[n_trans:]
-    hk = llm.engine.runner.host_kv
     if args.timeline and rank() == 0:
         from seesaw_mc.timeline import plot_timeline
 
@@ -76,17 +76,8 @@ def run_seesaw(args, reqs) -> dict:
         "layouts": args.layouts or "tp1", "engine": llm.engine.stats.as_dict(), "transitions": len(trans),
         "transition_time_s": sum(t["total_s"] for t in trans),
         "transition_share": sum(t["total_s"] for t in trans) / elapsed,
-        "swap_bytes_to_host": hk.bytes_out if hk else 0, "swap_bytes_from_host": hk.bytes_in if hk else 0,
-        **offload_overlap(llm.engine.runner),
+        "swap": llm.engine.runner.swap_summary(since=swap0),
         "host_blocks": llm.engine.runner.num_host_blocks, "device_blocks": llm.engine.runner.num_blocks})
-
-
-def offload_overlap(runner) -> dict:
-    """Background offload time and how much of it the compute hid (1 - waited / copied)."""
-    runner.drain_offloads()
-    st = runner.swap_stats
-    hidden = 1 - st["offload_wait_s"] / st["offload_s"] if st["offload_s"] else None
-    return {"offload_copy_s": st["offload_s"], "offload_wait_s": st["offload_wait_s"], "offload_hidden": hidden}
 
 
 def run_hf(args, reqs) -> dict:
@@ -143,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--tqdm", action="store_true")
     p.add_argument("--timeline", default=None, help="seesaw backend: draw phases/transitions/tier use to this PNG")
     p.add_argument("--num-host-blocks", type=int, default=None, help="seesaw backend: host tier size (blocks)")
+    p.add_argument("--num-device-blocks", type=int, default=None, help="seesaw backend: device tier size (blocks)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")

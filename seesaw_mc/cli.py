@@ -170,10 +170,7 @@ def cmd_generate(a) -> int:
                       f"{eng.config.decode_layout}: {len(eng.transitions)} transitions")
     if a.metrics_json:
         with open(a.metrics_json, "w") as f:
-            hk = eng.runner.host_kv
-            eng.runner.drain_offloads()
-            swap = {"bytes_to_host": hk.bytes_out if hk else 0, "bytes_from_host": hk.bytes_in if hk else 0,
-                    **eng.runner.swap_stats}
+            swap = eng.runner.swap_summary()
             json.dump({"engine": eng.stats.as_dict(), "transitions": eng.transitions, "swap": swap,
                        "timeline": eng.stats.timeline}, f, indent=2)
     el = time.perf_counter() - t1

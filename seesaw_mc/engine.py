@@ -203,8 +203,10 @@ class LLMEngine:
         plan = self.plans.build(out.phase.value, out.seqs)
         plan.swap_out = [p for _, pairs in out.swap_out for p in pairs]
         plan.swap_in = [p for _, pairs in out.swap_in for p in pairs]
+        plan.prefetch = [p for _, pairs in out.prefetch for p in pairs]
         plan.offload = [p for _, pairs in out.offload for p in pairs]
-        if not out.seqs and not plan.swap_out and not plan.swap_in:
+        plan.wait_copies = out.wait_copies
+        if not out.seqs and not plan.swap_out and not plan.swap_in and not plan.prefetch:
             return []
         self.runner.broadcast_plan(plan)
         t0 = time.perf_counter()
@@ -243,7 +245,8 @@ class LLMEngine:
         self.runner.swap_out(plan.swap_out)
         if plan.kind != self.runner.active:  # layouts are named after the phase they run
             self.runner.activate(plan.kind)
-        return self.runner.execute(plan.kind == "prefill", seqs, swap_in=plan.swap_in, offload=plan.offload)
+        return self.runner.execute(plan.kind == "prefill", seqs, swap_in=plan.swap_in, offload=plan.offload,
+                                   prefetch=plan.prefetch, wait_copies=plan.wait_copies)
 
     def worker_loop(self):
         """Non-leader ranks: follow the leader's plans until it says stop; returns its payload."""

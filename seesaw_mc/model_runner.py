@@ -80,8 +80,10 @@ class ModelRunner:
         self.num_host_blocks = 0
         self.host_kv = self._open_host_kv() if self.switching else None
         self._copier = None
-        self._offloads: list = []
-        self.swap_stats = {"offload_s": 0.0, "offload_wait_s": 0.0}
+        self._pending: list = []  # (kind, future) of background KV copies, oldest first
+        self.swap_stats = {k: 0.0 for k in ("offload_s", "offload_wait_s", "prefetch_s", "prefetch_wait_s",
+                                            "swap_in_s", "swap_out_s")}
+        self.swap_stats.update({f"{k}_blocks": 0 for k in ("offload", "prefetch", "swap_in", "swap_out")})
         self.sampler = Sampler()
         self.transitions: List[dict] = []
 
@@ -178,41 +180,75 @@ class ModelRunner:
     def swap_out(self, pairs) -> None:
         """Device -> host tier for (device_block, host_block) pairs, in the active layout."""
         if pairs:
-            self.drain_offloads()
+            self.drain_copies()
+            t = time.perf_counter()
             self.host_kv.copy_out(*self._kv_slice(), pairs)
+            self.swap_stats["swap_out_s"] += time.perf_counter() - t
+            self.swap_stats["swap_out_blocks"] += len(pairs)
 
     def swap_in(self, pairs) -> None:
-        """Host tier -> device for (device_block, host_block) pairs, in the active layout."""
+        """Host tier -> device for (device_block, host_block) pairs, in the active layout, now."""
         if pairs:
-            self.drain_offloads()
+            self.drain_copies()
+            t = time.perf_counter()
             self.host_kv.copy_in(*self._kv_slice(), pairs)
+            self.swap_stats["swap_in_s"] += time.perf_counter() - t
+            self.swap_stats["swap_in_blocks"] += len(pairs)
 
     def offload_async(self, pairs) -> None:
         """Prefill's KV -> host tier on a background thread, overlapping the next prefill step.
         NOTE: the scheduler keeps these device blocks allocated for one more step
         (SeesawScheduler.after_prefill), so the next step never writes into them."""
+        self._background("offload", self.host_kv.copy_out if pairs else None, pairs)
+
+    def prefetch_async(self, pairs) -> None:
+        """Host tier -> device on a background thread while this decode step computes. The
+        blocks belong to sequences outside this step's batch; the next step waits for the
+        copy (drain_copies) before it computes or copies anything else."""
+        self._background("prefetch", self.host_kv.copy_in if pairs else None, pairs)
+
+    def _background(self, kind: str, copy, pairs) -> None:
         if not pairs:
             return
         if self._copier is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-offload")
+            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-kv-copy")
         views = self._kv_slice()
 
-        def copy():
+        def run():
             t = time.perf_counter()
-            self.host_kv.copy_out(*views, pairs)
+            copy(*views, pairs)
             return time.perf_counter() - t
 
-        self._offloads.append(self._copier.submit(copy))
+        self._pending.append((kind, self._copier.submit(run)))
+        self.swap_stats[f"{kind}_blocks"] += len(pairs)
 
-    def drain_offloads(self, keep: int = 0) -> None:
-        """Wait for background offloads, all but the newest `keep`."""
-        while len(self._offloads) > keep:
-            fut = self._offloads.pop(0)
+    def drain_copies(self, keep: int = 0) -> None:
+        """Wait for background copies, all but the newest `keep`."""
+        while len(self._pending) > keep:
+            kind, fut = self._pending.pop(0)
             t = time.perf_counter()
-            self.swap_stats["offload_s"] += fut.result()
-            self.swap_stats["offload_wait_s"] += time.perf_counter() - t
+            self.swap_stats[f"{kind}_s"] += fut.result()
+            self.swap_stats[f"{kind}_wait_s"] += time.perf_counter() - t
+
+    def swap_summary(self, since: Optional[dict] = None) -> dict:
+        """Copy times and bytes between the tiers (since an earlier summary) and how much of
+        the time compute hid: background copies count as hidden except for the time a step
+        waited for them; copies made before a step (swap-outs, the first swap-in of a decode
+        phase) are not hidden."""
+        self.drain_copies()
+        hk = self.host_kv
+        st = dict(self.swap_stats, bytes_to_host=hk.bytes_out if hk else 0, bytes_from_host=hk.bytes_in if hk else 0)
+        if since:
+            st = {k: v - since[k] for k, v in st.items()}
+        background = st["offload_s"] + st["prefetch_s"]
+        exposed = st["offload_wait_s"] + st["prefetch_wait_s"] + st["swap_in_s"] + st["swap_out_s"]
+        total = background + st["swap_in_s"] + st["swap_out_s"]
+        st["swap_hidden"] = 1 - exposed / total if total else None
+        st["offload_hidden"] = 1 - st["offload_wait_s"] / st["offload_s"] if st["offload_s"] else None
+        st["prefetch_hidden"] = 1 - st["prefetch_wait_s"] / st["prefetch_s"] if st["prefetch_s"] else None
+        return st
 
     # -- transitions ------------------------------------------------------------------------
     def activate(self, name: str) -> Optional[dict]:
@@ -224,7 +260,7 @@ class ModelRunner:
         self.active = name
         if self.models[old] is self.models[name]:
             return None
-        self.drain_offloads()  # the other layout reads what this one wrote
+        self.drain_copies()  # the other layout reads what this one wrote
         t0 = time.perf_counter()
         t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
         t1 = time.perf_counter()
@@ -262,14 +298,18 @@ class ModelRunner:
         return torch.tensor(ids, device=dev), meta
 
     @torch.inference_mode()
-    def execute(self, is_prefill: bool, seqs, swap_out=(), swap_in=(), offload=()) -> Optional[tuple]:
-        """Swap KV as told, run one phase over `seqs` in the active layout, offload prefilled KV
-        to the host tier. The leader gets (tokens, logprobs); other ranks get None."""
+    def execute(self, is_prefill: bool, seqs, swap_out=(), swap_in=(), offload=(), prefetch=(),
+                wait_copies: bool = False) -> Optional[tuple]:
+        """Swap KV as told, run one phase over `seqs` in the active layout while prefetching
+        the next step's sequences, offload prefilled KV to the host tier. The leader gets
+        (tokens, logprobs); other ranks get None."""
         self.swap_out(swap_out)
         self.swap_in(swap_in)
-        # Overlap: a prefill step may run while the previous step's offload copies; anything
-        # else waits for every copy (the blocks it frees may be reused now).
-        self.drain_offloads(keep=1 if is_prefill else 0)
+        # Overlap: a prefill step may run while the previous step's offload copies (unless it
+        # reuses their blocks); anything else waits for every copy (the blocks it frees may be
+        # reused now, and prefetched sequences join this batch).
+        self.drain_copies(keep=1 if is_prefill and not wait_copies else 0)
+        self.prefetch_async(prefetch)
         if not seqs:
             return ([], []) if self.is_leader else None
         g = self.groups[self.active]

@@ -32,9 +32,13 @@ class SchedulerOutput:
     seqs: List[Sequence]
     preempted: List[Sequence] = field(default_factory=list)
     # Two-tier KV (SeesawScheduler): (seq, [(device_block, host_block), ...]) to copy
-    # host -> device before the step (swap_in), device -> host before it (swap_out), and
-    # device -> host right after a prefill step (offload).
+    # host -> device before the step (swap_in), host -> device in the background while the
+    # step computes, for sequences decoded from the next step on (prefetch), device -> host
+    # before the step (swap_out), and device -> host right after a prefill step (offload).
     swap_in: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
+    prefetch: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
+    # The step reuses device blocks whose offload may still be copying: finish it first.
+    wait_copies: bool = False
     swap_out: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
     offload: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
 
@@ -147,8 +151,12 @@ class SeesawScheduler(Scheduler):
         KV and the device tier can hold the step; right after the step the prompts' KV moves
         to the host tier ("offload") and their device blocks are free again.
       - When the next prompt does not fit the host tier (or nothing waits): DECODE. Decode
-        keeps the device tier full from the host tier (swap-in; the host blocks are released
-        once copied) and decodes the resident sequences. Device overflow swaps the newest
+        keeps the device tier full from the host tier and decodes the resident sequences
+        only. As device blocks free up, swapped sequences are prefetched: their KV is copied
+        host -> device in the background while the step computes, and they join the decode
+        batch at the next step, once resident (their host blocks are released then). Only
+        when nothing is resident (the first decode step) is the copy made before the step,
+        as there is no compute to hide it behind. Device overflow swaps the newest
         resident sequence back to the host tier, or, if the host is full too, preempts it
         for recompute. Nothing is dropped.
       - Back to PREFILL only when the host tier is drained (every swapped sequence is
@@ -168,6 +176,7 @@ class SeesawScheduler(Scheduler):
         self.num_transitions = 0
         self._peak_running = 0
         self._copied_in: List[Sequence] = []  # swapped in last step: host blocks free to release
+        self._prefetching: List[Sequence] = []  # copied in during the last step: resident now
         self._offloading: List[Sequence] = []  # prefilled last step: offload in flight
         self._offloaded: List[Sequence] = []  # prefilled the step before: offload done
 
@@ -179,9 +188,13 @@ class SeesawScheduler(Scheduler):
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.swapped or self.running)
+        return bool(self.waiting or self.swapped or self.running or self._prefetching)
 
     def schedule(self) -> SchedulerOutput:
+        # The runner finishes last step's background copies before this step's first copy
+        # or compute, so prefetched sequences are resident now.
+        self.running.extend(self._prefetching)
+        self._prefetching = []
         # NOTE: host blocks of sequences swapped in are released one step later, once the
         # copies of that step are done (this step's swap-outs may reuse them).
         for s in self._copied_in:
@@ -205,6 +218,14 @@ class SeesawScheduler(Scheduler):
             return out
         if self.phase is Phase.PREFILL:
             out = self._schedule_prefill() if self._head_fits() else None
+            if out is None and self._offloaded and self._head_fits(device=False):
+                # The device tier is full only of the last step's prompts, whose offload is
+                # in flight: wait for it and reuse their blocks rather than switch early.
+                self._release(self._offloaded)
+                self._offloaded = []
+                out = self._schedule_prefill() if self._head_fits() else None
+                if out is not None:
+                    out.wait_copies = True
             if out is not None:
                 return out
             self.phase = Phase.DECODE
@@ -213,12 +234,12 @@ class SeesawScheduler(Scheduler):
         return self._schedule_decode()
 
     # -- prefill -------------------------------------------------------------------------
-    def _head_fits(self, extra_host_blocks: int = 0) -> bool:
+    def _head_fits(self, extra_host_blocks: int = 0, device: bool = True) -> bool:
         if not self.waiting:
             return False
         n = len(self.waiting[0])
         return (blocks_needed(n, self.host.block_size) + extra_host_blocks <= self.host.num_free_blocks
-                and blocks_needed(n, self.bm.block_size) <= self.bm.num_free_blocks)
+                and (not device or blocks_needed(n, self.bm.block_size) <= self.bm.num_free_blocks))
 
     def _schedule_prefill(self):
         def take(seq):
@@ -243,10 +264,16 @@ class SeesawScheduler(Scheduler):
             self._offloading.append(s)
 
     def _release_offloaded(self) -> None:
-        for s in self._offloaded:
+        self._release(self._offloaded)
+        self._offloaded, self._offloading = self._offloading, []
+
+    def _release(self, seqs: List[Sequence]) -> None:
+        """Device blocks of prompts whose offload is done (host blocks too if they finished)."""
+        for s in seqs:
             if s.block_table and s.status is not SequenceStatus.RUNNING:
                 self.bm.free(s)
-        self._offloaded, self._offloading = self._offloading, []
+            if s.status is SequenceStatus.FINISHED:
+                self.host.free(s)
 
     # -- decode --------------------------------------------------------------------------
     def _should_prefill(self) -> bool:
@@ -260,11 +287,16 @@ class SeesawScheduler(Scheduler):
 
     def _schedule_decode(self) -> SchedulerOutput:
         swap_in = []
+        # With sequences resident, new ones are prefetched behind this step's compute; with
+        # none, they are copied in first and decoded at once.
+        background = bool(self.running)
+        incoming = self._prefetching if background else self.running
         # Keep the device tier full from the host tier, leaving each resident sequence room to grow.
-        while self.swapped and len(self.running) < self.max_num_seqs:
+        while self.swapped and len(self.running) + len(self._prefetching) < self.max_num_seqs:
             seq = self.swapped[0]
             need = blocks_needed(len(seq), self.bm.block_size)
-            if need + len(self.running) > self.bm.num_free_blocks and self.running:
+            resident = len(self.running) + len(self._prefetching)
+            if need + resident > self.bm.num_free_blocks and resident:
                 break
             if need > self.bm.num_free_blocks:
                 break
@@ -273,9 +305,9 @@ class SeesawScheduler(Scheduler):
             n = blocks_needed(len(seq) - 1, self.bm.block_size)
             swap_in.append((seq, list(zip(seq.block_table[:n], seq.host_block_table[:n]))))
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            incoming.append(seq)
             self._copied_in.append(seq)
-        self._peak_running = max(self._peak_running, len(self.running))
+        self._peak_running = max(self._peak_running, len(self.running) + len(self._prefetching))
         swap_out = []
 
         def evict(victim):
@@ -284,6 +316,8 @@ class SeesawScheduler(Scheduler):
                 swap_out.append(pairs)
 
         scheduled, preempted = self._decode_running(evict)
+        if background:
+            return SchedulerOutput(Phase.DECODE, scheduled, preempted, prefetch=swap_in, swap_out=swap_out)
         return SchedulerOutput(Phase.DECODE, scheduled, preempted, swap_in=swap_in, swap_out=swap_out)
 
     def _swap_out(self, seq: Sequence, preempt: bool = True):
@@ -308,8 +342,13 @@ class SeesawScheduler(Scheduler):
         return None
 
     def finish(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        if self.phase is Phase.PREFILL:
+            # Done in its prefill step, whose offload of it is already queued: its blocks are
+            # released with that offload's, so that no later step reuses them mid-copy.
+            self._offloading.append(seq)
+            return
         self.bm.free(seq)
         self.host.free(seq)
-        seq.status = SequenceStatus.FINISHED
         if seq in self.running:
             self.running.remove(seq)

@@ -37,6 +37,11 @@ class StepPlan:
     """(device_block, host_block) pairs to copy to the host tier before the step."""
     swap_in: List[Tuple[int, int]] = field(default_factory=list)
     """(device_block, host_block) pairs to copy from the host tier before the step."""
+    prefetch: List[Tuple[int, int]] = field(default_factory=list)
+    """(device_block, host_block) pairs to copy from the host tier while the step computes,
+    done before the next step starts."""
+    wait_copies: bool = False
+    """Finish every background copy before the step computes (it reuses their blocks)."""
     offload: List[Tuple[int, int]] = field(default_factory=list)
     """(device_block, host_block) pairs to copy to the host tier after a prefill step."""
     payload: Any = None

@@ -66,6 +66,11 @@ def test_two_ranks(tiny_models, tmp_path, family):
     check(res, model, 12, {"pp2->tp2", "tp2->pp2"})
     # The device tier is small too: decode overflows it and swaps sequences back to the host.
     assert res["pp2->tp2"]["preemptions"] > 0 and res["tp2->pp2"]["preemptions"] > 0
+    # Decode refills the device tier in the background (prefetch) while resident sequences
+    # compute; only the first swap-in of each decode phase is synchronous.
+    for name in ("pp2->tp2", "tp2->pp2"):
+        swap = res[name]["swap"]
+        assert swap["prefetch_blocks"] > 0 and swap["offload_blocks"] > 0, (name, swap)
 
 
 def test_four_ranks(tiny_models, tmp_path):

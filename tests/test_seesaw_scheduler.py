@@ -23,11 +23,16 @@ def arxiv_like(n, seed=0, scale=1.0):
     return out
 
 
-def drive(sched, reqs):
-    """Play the engine: apply the step (tokens), hand prefilled prompts to the host tier."""
+def drive(sched, reqs, stats=None):
+    """Play the engine: apply the step (tokens), hand prefilled prompts to the host tier.
+    Checks that only resident sequences are decoded: prefilled, swapped in before the step,
+    or prefetched during an earlier step (a background copy into blocks no one else uses)."""
     max_new = {s.request_id: m for s, m in reqs}
     finished, steps, phases = [], 0, []
     host_pairs_written = {}
+    resident = set()
+    in_flight = set()  # device blocks of the last prefill step's offload
+    stats = stats if stats is not None else {}
     while sched.has_unfinished():
         steps += 1
         assert steps < 200000, "livelock"
@@ -36,17 +41,35 @@ def drive(sched, reqs):
         for seq, pairs in out.swap_out + out.offload:
             for d, h in pairs:
                 host_pairs_written[h] = seq.seq_id
-        for seq, pairs in out.swap_in:  # the host blocks read back hold this sequence's KV
+            resident.discard(seq.seq_id)
+        for seq, pairs in out.swap_in + out.prefetch:  # the host blocks read back hold this sequence's KV
             assert all(host_pairs_written.get(h) == seq.seq_id for _, h in pairs)
+        for seq, _ in out.swap_in:
+            resident.add(seq.seq_id)
+        busy = {b for s in out.seqs for b in s.block_table}
+        if out.phase is Phase.PREFILL and busy & in_flight:
+            assert out.wait_copies, "a prefill step reuses blocks whose offload may still be copying"
+        in_flight = {d for _, pairs in out.offload for d, _ in pairs}
+        for seq, pairs in out.prefetch:
+            assert seq not in out.seqs, "a prefetched sequence is decoded before its copy is done"
+            assert not busy & {d for d, _ in pairs}, "prefetch writes into blocks the step uses"
+        if out.prefetch and out.seqs:
+            stats["overlapped_prefetches"] = stats.get("overlapped_prefetches", 0) + len(out.prefetch)
+        stats["sync_swap_in_steps"] = stats.get("sync_swap_in_steps", 0) + bool(out.swap_in)
         for s in out.seqs:
             assert s.status is SequenceStatus.RUNNING
             assert len(s.block_table) >= blocks_needed(len(s), sched.bm.block_size)
+            if out.phase is Phase.DECODE:
+                assert s.seq_id in resident, f"{s} decoded without its KV on the device"
             s.token_ids.append(1)
             if s.num_output_tokens >= max_new[s.request_id]:
                 sched.finish(s)
                 finished.append(s.request_id)
         if out.phase is Phase.PREFILL:
             sched.after_prefill(out.seqs)
+            resident.update(s.seq_id for s in out.seqs)  # computed on the device; offloaded next
+        for seq, _ in out.prefetch:  # the next step finds the copy done
+            resident.add(seq.seq_id)
     return finished, phases
 
 
@@ -58,8 +81,13 @@ def test_arxiv_trace_few_transitions_nothing_lost():
     sched = SeesawScheduler(device, host, max_num_seqs=64, max_num_batched_tokens=16384, decode_watermark=0.25)
     for s, _ in reqs:
         sched.add(s)
-    finished, phases = drive(sched, reqs)
+    stats = {}
+    finished, phases = drive(sched, reqs, stats)
     assert sorted(finished) == list(range(500))  # none lost, none duplicated
+    # The device tier refills from the host tier behind compute: a synchronous swap-in only
+    # starts each decode phase (nothing resident yet, nothing to hide it behind).
+    assert stats["sync_swap_in_steps"] <= sched.num_transitions, stats
+    assert stats["overlapped_prefetches"] > 100, stats
     total_prompt = sum(s.num_prompt_tokens for s, _ in reqs)
     bound = math.ceil(total_prompt / (host.num_blocks * bs)) + 1
     switches = sum(1 for a, b in zip(phases, phases[1:]) if a is Phase.PREFILL and b is Phase.DECODE)
@@ -106,3 +134,21 @@ def test_never_fitting_prompt_rejected():
     sched = SeesawScheduler(BlockManager(10, 4), BlockManager(5, 4, table="host_block_table"), 4, 100)
     with pytest.raises(ValueError, match="host tier"):
         sched.add(Sequence("x", 0, [1] * 30, P(), seed=0))
+
+
+def test_small_device_tier_still_fills_the_host_tier():
+    """A device tier much smaller than the host tier: prefill keeps going (waiting for the
+    last step's offload to free its blocks) until the host tier is full, so transitions stay
+    near ceil(prompt KV / host capacity) instead of one per device-tier fill."""
+    rng = random.Random(3)
+    reqs = [(Sequence(i, 0, [1] * rng.randint(300, 500), P(), seed=0), rng.randint(10, 30)) for i in range(80)]
+    bs = 16
+    host = BlockManager(512, bs, table="host_block_table")
+    device = BlockManager(192, bs)
+    sched = SeesawScheduler(device, host, max_num_seqs=256, max_num_batched_tokens=8192)
+    for s, _ in reqs:
+        sched.add(s)
+    finished, phases = drive(sched, reqs)
+    assert sorted(finished) == list(range(80))
+    total_prompt = sum(s.num_prompt_tokens for s, _ in reqs)
+    assert sched.num_transitions <= math.ceil(total_prompt / (host.num_blocks * bs)) + 1, sched.num_transitions
