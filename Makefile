@@ -18,6 +18,8 @@ $(STAMP): setup.py constraints.txt
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --disable-pip-version-check \
 		-c constraints.txt -e '.[demo,plot,test]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python -W ignore -c "import torch, megatron.core, transformers, seesaw_mc"
+	# DeepSpeed's shm all-reduce, JIT-built once into $(TORCH_EXTENSIONS_DIR) (falls back to gloo if it cannot).
+	$(BIN)/python -W ignore -m seesaw_mc.parallel.deepspeed_ops build
 	touch $@
 
 venv: $(STAMP)

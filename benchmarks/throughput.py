@@ -54,7 +54,8 @@ def run_seesaw(args, reqs) -> dict:
 
     pre, dec = Layout.parse_pair(args.layouts)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, prefill_layout=pre,
-              decode_layout=dec, num_host_blocks=args.num_host_blocks, num_device_blocks=args.num_device_blocks)
+              decode_layout=dec, num_host_blocks=args.num_host_blocks, num_device_blocks=args.num_device_blocks,
+              allreduce=args.allreduce)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
@@ -73,7 +74,8 @@ def run_seesaw(args, reqs) -> dict:
                       title=f"{args.dataset_name} x{args.length_scale}, {args.layouts}: {len(trans)} transitions, "
                             f"{sum(t['total_s'] for t in trans) / elapsed:.2%} of {elapsed:.0f} s")
     return result("seesaw", reqs, elapsed, {
-        "layouts": args.layouts or "tp1", "engine": llm.engine.stats.as_dict(), "transitions": len(trans),
+        "layouts": args.layouts or "tp1", "allreduce": llm.engine.runner.allreduce,
+        "engine": llm.engine.stats.as_dict(), "transitions": len(trans),
         "transition_time_s": sum(t["total_s"] for t in trans),
         "transition_share": sum(t["total_s"] for t in trans) / elapsed,
         "swap": llm.engine.runner.swap_summary(since=swap0),
@@ -134,6 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--tqdm", action="store_true")
     p.add_argument("--timeline", default=None, help="seesaw backend: draw phases/transitions/tier use to this PNG")
     p.add_argument("--num-host-blocks", type=int, default=None, help="seesaw backend: host tier size (blocks)")
+    p.add_argument("--allreduce", default="auto", help="seesaw backend: auto | gloo | deepspeed-shm | nccl")
     p.add_argument("--num-device-blocks", type=int, default=None, help="seesaw backend: device tier size (blocks)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)

@@ -44,6 +44,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-layout", default=None, help="layout for decode (default: the prefill layout)")
     g.add_argument("--layouts", default=None, help="paper notation: P4->T4, D2P4->D2T4, or one static layout")
     g.add_argument("--decode-watermark", type=float, default=0.25)
+    g.add_argument("--allreduce", default="auto",
+                   help="auto | gloo | deepspeed-shm | nccl: tensor-parallel all-reduce (auto: nccl on CUDA, DeepSpeed shm on one CPU host when a TP "
+                        "group spans every rank, else gloo)")
     g.add_argument("--nproc-per-node", type=int, default=None,
                    help="launch this many ranks through torch's elastic launcher (torchrun)")
 
@@ -62,7 +65,8 @@ def _layouts(a) -> dict:
 
 
 def _engine_kwargs(a) -> dict:
-    return dict(**_layouts(a), decode_watermark=a.decode_watermark, dtype=a.dtype, seed=a.seed, max_model_len=a.max_model_len, block_size=a.block_size,
+    return dict(**_layouts(a), decode_watermark=a.decode_watermark, allreduce=a.allreduce, dtype=a.dtype,
+                seed=a.seed, max_model_len=a.max_model_len, block_size=a.block_size,
                 num_device_blocks=a.num_device_blocks, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
                 num_host_blocks=a.num_host_blocks, host_memory_bytes=a.host_memory_bytes,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)

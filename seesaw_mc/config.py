@@ -110,6 +110,10 @@ class EngineConfig:
     """Longest prompt + output. None: the model's max_position_embeddings (and sliding window)."""
     collective_timeout_s: float = 600.0
     """Timeout of torch.distributed collectives: a dead or hung rank fails the job after this."""
+    allreduce: str = "auto"
+    """Tensor-parallel all-reduce: auto | gloo | deepspeed-shm | nccl. auto: NCCL on CUDA; on
+    CPU DeepSpeed's shared-memory all-reduce where a TP group is the whole job on one host,
+    else gloo (see parallel/deepspeed_ops.py)."""
     prefill_layout: Layout = field(default_factory=Layout)
     """Layout used for prefill."""
     decode_layout: Layout = field(default_factory=Layout)
@@ -156,6 +160,8 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16 (got {self.dtype!r})")
+        if self.allreduce not in ("auto", "gloo", "deepspeed-shm", "nccl"):
+            raise ConfigError(f"allreduce must be one of auto, gloo, deepspeed-shm, nccl (got {self.allreduce!r})")
         c, s = self.cache, self.scheduler
         if not isinstance(c.block_size, int) or c.block_size < 1:
             raise ConfigError(f"block_size must be a positive integer (got {c.block_size!r})")

@@ -83,9 +83,9 @@ class EngineStats:
         }
 
 
-def check_layouts(config: EngineConfig, args: ModelArgs) -> None:
+def check_layouts(config: EngineConfig, args: ModelArgs) -> str:
     """Reject layouts the model or the launch cannot run, before any collective (so every
-    rank fails alike, at once, with the same line)."""
+    rank fails alike, at once, with the same line). Returns the TP all-reduce backend."""
     for role, lay in (("prefill", config.prefill_layout), ("decode", config.decode_layout)):
         if args.num_heads % lay.tp or args.num_kv_heads % lay.tp:
             raise ConfigError(f"{role} layout {lay}: tp={lay.tp} must divide the model's {args.num_heads} attention "
@@ -101,6 +101,11 @@ def check_layouts(config: EngineConfig, args: ModelArgs) -> None:
     if config.prefill_layout != config.decode_layout and replica > local:
         raise ConfigError(f"switching layouts needs each DP replica ({replica} ranks) on one node "
                           f"({local} ranks per node here): KV moves through node-local shared memory")
+    from seesaw_mc.parallel.deepspeed_ops import choose_allreduce
+    from seesaw_mc.parallel.megatron_adapter import HAS_CUDA
+
+    return choose_allreduce(config.allreduce, HAS_CUDA, world, local,
+                            (config.prefill_layout.tp, config.decode_layout.tp))
 
 
 class LLMEngine:
@@ -113,7 +118,7 @@ class LLMEngine:
 
         self.config = config
         self.args = args = load_model_args(config.model)
-        check_layouts(config, args)
+        allreduce = check_layouts(config, args)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.dtype = resolve_dtype(config.dtype, args, mc.HAS_CUDA)
         self.eos_token_ids = set(args.eos_token_ids)
@@ -128,7 +133,7 @@ class LLMEngine:
         max_len = config.max_model_len or limit
         mc.init_distributed(timeout_s=config.collective_timeout_s)
         layouts = {"prefill": config.prefill_layout, "decode": config.decode_layout}
-        self.runner = ModelRunner(config, args, self.dtype, max_len, layouts)
+        self.runner = ModelRunner(config, args, self.dtype, max_len, layouts, allreduce)
         bs = config.cache.block_size
         capacity = self.runner.num_blocks * bs
         if self.runner.switching:

@@ -3,6 +3,7 @@ execution of a step: micro-batches through the pipeline stages, logits, sampling
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -21,6 +22,8 @@ from seesaw_mc.model.llama import CausalLM
 from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.reshard import MasterWeights, fc1_interleave_factor, interleave_fc1, shm_dir
 from seesaw_mc.sampling import Sampler
+
+log = logging.getLogger("seesaw_mc")
 
 def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
     """Contiguous micro-batches, balanced by tokens (prefill) or count (decode)."""
@@ -41,7 +44,8 @@ def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
 
 
 class ModelRunner:
-    def __init__(self, config, args: ModelArgs, dtype: torch.dtype, max_model_len: int, layouts: Dict[str, Layout]):
+    def __init__(self, config, args: ModelArgs, dtype: torch.dtype, max_model_len: int, layouts: Dict[str, Layout],
+                 allreduce: str = "gloo"):
         self.config = config
         self.args = args
         self.dtype = dtype
@@ -53,6 +57,8 @@ class ModelRunner:
         distinct = {str(lay): lay for lay in layouts.values()}
         groups = mc.build_layout_groups(distinct, args.num_layers, p2p_cfg)
         self.groups = {name: groups[str(lay)] for name, lay in layouts.items()}
+        self.shm_allreduce = None  # DeepSpeed's op once started (it counts its calls)
+        self.allreduce = self._start_allreduce(allreduce)
         self.fc1_pairs = fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
         shards = {key: CausalLM(args, dtype, self.device, max_len=max_model_len, tp_group=g.tp_group,
                                 layer_start=g.layer_start, layer_end=g.layer_end, fc1_pairs=self.fc1_pairs)
@@ -93,6 +99,29 @@ class ModelRunner:
         if dist.get_world_size() > 1:
             dist.broadcast_object_list(obj, src=0)
         return obj[0]
+
+    def _start_allreduce(self, backend: str) -> str:
+        """Set up the TP all-reduce chosen by check_layouts. If DeepSpeed's shm op cannot load
+        on some rank, every rank falls back to gloo (one warning line)."""
+        if backend != "deepspeed-shm":
+            mc.set_tp_allreduce(None, dist.get_world_size())
+            return backend
+        from seesaw_mc.parallel import deepspeed_ops
+
+        module, why = deepspeed_ops.load_shm_op()
+        ok = torch.tensor([1 if module is not None else 0], dtype=torch.long)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank must agree before the op's set-up
+        if not ok.item():
+            if self.rank == 0:
+                log.warning("DeepSpeed's shm all-reduce is unavailable (%s); TP all-reduce uses gloo",
+                            why or "it did not load on another rank")
+            mc.set_tp_allreduce(None, dist.get_world_size())
+            return "gloo"
+        world = dist.get_world_size()
+        reduce = deepspeed_ops.start_shm_allreduce(module, world, self.rank, dist.barrier)
+        mc.set_tp_allreduce(reduce, world)
+        self.shm_allreduce = reduce
+        return backend
 
     def _node_barrier(self) -> None:
         if dist.get_world_size() > 1:

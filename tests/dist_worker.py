@@ -22,7 +22,7 @@ def main():
     for case in spec["cases"]:
         llm = LLM(case["model"], prefill_layout=case["prefill"], decode_layout=case["decode"],
                   block_size=4, num_device_blocks=case.get("blocks"), num_host_blocks=case.get("host_blocks"),
-                  max_num_batched_tokens=case.get("budget", 4096))
+                  max_num_batched_tokens=case.get("budget", 4096), allreduce=case.get("allreduce", "auto"))
         prompts = [{"prompt_token_ids": p} for p in prompts_for(case.get("seed", 0), n=case.get("n", 10),
                                                                   vocab=case.get("vocab", 320))]
         greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=case["max_tokens"]), use_tqdm=False)
@@ -36,6 +36,8 @@ def main():
             "prompts": [o.prompt_token_ids for o in greedy],
             "sampled": [o.outputs[0].token_ids for o in sampled],
             "transitions": transitions, "preemptions": preemptions, "swap": swap,
+            "allreduce": llm.engine.runner.allreduce,
+            "shm_allreduce_calls": getattr(llm.engine.runner.shm_allreduce, "calls", 0),
         }
     if int(os.environ.get("RANK", 0)) == 0:
         with open(out_path, "w") as f:

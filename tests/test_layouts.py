@@ -16,13 +16,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.slow
 
 
-def torchrun(nproc, spec, tmp_path, timeout=600):
+def torchrun(nproc, spec, tmp_path, timeout=600, env=None, stderr=None):
     out = tmp_path / f"out{nproc}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            os.path.join(HERE, "dist_worker.py"), str(out), json.dumps(spec)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
+    if stderr is not None:
+        stderr.append(r.stderr)
     return json.loads(out.read_text())
 
 

@@ -25,6 +25,7 @@ with warnings.catch_warnings():
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.tensor_parallel import mappings as tp_mappings
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -109,6 +110,31 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def set_tp_allreduce(world_reduce, world_size: int) -> None:
+    """Route megatron-core's tensor-parallel all-reduce (row-parallel outputs, the vocab-
+    parallel embedding) through `world_reduce(tensor) -> bool` when the TP group is the whole
+    job, e.g. DeepSpeed's shm all-reduce; other groups, and tensors it declines, use the
+    group's own backend. None restores megatron-core's function."""
+    import torch.distributed as dist
+
+    original = getattr(tp_mappings, "_seesaw_original_reduce", tp_mappings._reduce)
+    tp_mappings._seesaw_original_reduce = original
+    if world_reduce is None:
+        tp_mappings._reduce = original
+        return
+
+    def _reduce(input_, group):
+        if group.size() == 1:
+            return input_
+        x = input_.contiguous()
+        if group.size() == world_size and world_reduce(x):
+            return x
+        dist.all_reduce(x, group=group)
+        return x
+
+    tp_mappings._reduce = _reduce
 
 
 @contextlib.contextmanager
