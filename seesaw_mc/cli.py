@@ -47,6 +47,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allreduce", default="auto",
                    help="auto | gloo | deepspeed-shm | nccl: tensor-parallel all-reduce (auto: nccl on CUDA, DeepSpeed shm on one CPU host when a TP "
                         "group spans every rank, else gloo)")
+    g.add_argument("--kernels", default="auto", help="auto | torch | deepspeed | apex: fused-op implementations "
+                   "(DeepSpeed/apex kernels are CUDA-only; the choice is logged at start-up)")
     g.add_argument("--nproc-per-node", type=int, default=None,
                    help="launch this many ranks through torch's elastic launcher (torchrun)")
 
@@ -65,8 +67,8 @@ def _layouts(a) -> dict:
 
 
 def _engine_kwargs(a) -> dict:
-    return dict(**_layouts(a), decode_watermark=a.decode_watermark, allreduce=a.allreduce, dtype=a.dtype,
-                seed=a.seed, max_model_len=a.max_model_len, block_size=a.block_size,
+    return dict(**_layouts(a), decode_watermark=a.decode_watermark, allreduce=a.allreduce, kernels=a.kernels,
+                dtype=a.dtype, seed=a.seed, max_model_len=a.max_model_len, block_size=a.block_size,
                 num_device_blocks=a.num_device_blocks, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
                 num_host_blocks=a.num_host_blocks, host_memory_bytes=a.host_memory_bytes,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)

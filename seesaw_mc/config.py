@@ -114,6 +114,9 @@ class EngineConfig:
     """Tensor-parallel all-reduce: auto | gloo | deepspeed-shm | nccl. auto: NCCL on CUDA; on
     CPU DeepSpeed's shared-memory all-reduce where a TP group is the whole job on one host,
     else gloo (see parallel/deepspeed_ops.py)."""
+    kernels: str = "auto"
+    """Fused-op implementations: auto (DeepSpeed's inference kernels, then apex, on CUDA;
+    torch otherwise) | torch | deepspeed | apex (see model/kernels.py; logged at start-up)."""
     prefill_layout: Layout = field(default_factory=Layout)
     """Layout used for prefill."""
     decode_layout: Layout = field(default_factory=Layout)
@@ -162,6 +165,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16 (got {self.dtype!r})")
         if self.allreduce not in ("auto", "gloo", "deepspeed-shm", "nccl"):
             raise ConfigError(f"allreduce must be one of auto, gloo, deepspeed-shm, nccl (got {self.allreduce!r})")
+        if self.kernels not in ("auto", "torch", "deepspeed", "apex"):
+            raise ConfigError(f"kernels must be one of auto, torch, deepspeed, apex (got {self.kernels!r})")
         c, s = self.cache, self.scheduler
         if not isinstance(c.block_size, int) or c.block_size < 1:
             raise ConfigError(f"block_size must be a positive integer (got {c.block_size!r})")

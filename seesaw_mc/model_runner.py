@@ -17,6 +17,7 @@ from seesaw_mc.errors import CapacityError
 from seesaw_mc.kv.host_tier import HostKVBuffer, unlink_quietly
 from seesaw_mc.kv.paged_cache import DeviceKVBuffer, bytes_per_block, device_kv_budget, host_kv_budget
 from seesaw_mc.model.attention import AttnMetadata, decode_chunks, set_attn_metadata
+from seesaw_mc.model.kernels import select_kernels
 from seesaw_mc.model.hf_import import ModelArgs, iter_megatron_tensors
 from seesaw_mc.model.llama import CausalLM
 from seesaw_mc.parallel import megatron_adapter as mc
@@ -60,8 +61,11 @@ class ModelRunner:
         self.shm_allreduce = None  # DeepSpeed's op once started (it counts its calls)
         self.allreduce = self._start_allreduce(allreduce)
         self.fc1_pairs = fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
+        self.kernels = select_kernels(config.kernels, self.device, dtype, args.hidden_size, args.rms_norm_eps,
+                                      log_once=self.rank == 0)
         shards = {key: CausalLM(args, dtype, self.device, max_len=max_model_len, tp_group=g.tp_group,
-                                layer_start=g.layer_start, layer_end=g.layer_end, fc1_pairs=self.fc1_pairs)
+                                layer_start=g.layer_start, layer_end=g.layer_end, fc1_pairs=self.fc1_pairs,
+                                kernels=self.kernels)
                   for key, g in groups.items()}
         self.models = {name: shards[str(lay)] for name, lay in layouts.items()}
         first = self.groups["prefill"]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seesaw_mc.model.kernels import TORCH_KERNELS, KernelChoice, rmsnorm
 from seesaw_mc.model.attention import get_attn_metadata, paged_attention
 from seesaw_mc.model.hf_import import ModelArgs
 from seesaw_mc.parallel import megatron_adapter as mc
@@ -106,9 +107,11 @@ class DecoderLayer(MegatronModule):
         self.pre_mlp_layernorm = WrappedTorchNorm(config, args.hidden_size, eps=args.rms_norm_eps)
         self.mlp = MLP(config, args, tp_group, fc1_pairs)
 
+    kernels: KernelChoice = TORCH_KERNELS  # set by CausalLM
+
     def forward(self, x, rope):
-        x = x + self.self_attention(self.input_layernorm(x), rope)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+        x = x + self.self_attention(rmsnorm(self.kernels, self.input_layernorm, x), rope)
+        return x + self.mlp(rmsnorm(self.kernels, self.pre_mlp_layernorm, x))
 
 
 class Decoder(MegatronModule):
@@ -126,7 +129,8 @@ class CausalLM(MegatronModule):
     """One pipeline stage of a Llama-family model in one TP layout."""
 
     def __init__(self, args: ModelArgs, params_dtype: torch.dtype, device: torch.device, max_len: int,
-                 tp_group=None, layer_start: int = 0, layer_end: Optional[int] = None, fc1_pairs: int = 1):
+                 tp_group=None, layer_start: int = 0, layer_end: Optional[int] = None, fc1_pairs: int = 1,
+                 kernels: Optional[KernelChoice] = None):
         tp = tp_group.size() if tp_group is not None else 1
         config = mc.transformer_config(args, params_dtype, tp_size=tp)
         super().__init__(config)
@@ -143,6 +147,9 @@ class CausalLM(MegatronModule):
             self.embedding = Embedding(config, vocab, tp_group)
         self.fc1_pairs = fc1_pairs
         self.decoder = Decoder(config, args, tp_group, layer_start, self.layer_end, self.post_process, fc1_pairs)
+        self.kernels = kernels or TORCH_KERNELS
+        for layer in self.decoder.layers:
+            layer.kernels = self.kernels
         # Tied embeddings: the output layer reuses the embedding, unless this last stage has
         # none (pipeline parallel), in which case it holds its own copy, as Megatron does.
         self.shares_embedding = args.tie_word_embeddings and self.pre_process
@@ -167,7 +174,7 @@ class CausalLM(MegatronModule):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + output layer on the selected rows -> fp32 logits [N, vocab]."""
-        x = self.decoder.final_layernorm(hidden)
+        x = rmsnorm(self.kernels, self.decoder.final_layernorm, hidden)
         weight = self.embedding.word_embeddings.weight if self.shares_embedding else None
         logits, _ = self.output_layer(x, weight=weight)
         return logits[:, : self.vocab_size].float()
