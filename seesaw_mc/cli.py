@@ -102,7 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=64)
     d.add_argument("--layouts", default=None, help="e.g. P3->T3 (SmolLM2's 9 heads allow tp1 or tp3)")
     d.add_argument("--nproc-per-node", type=int, default=None, help="ranks to launch (torch elastic)")
+    c = sub.add_parser("convert", help="Megatron checkpoint (legacy or torch_dist, any TP/PP) <-> HF folder")
+    c.add_argument("--input", required=True, help="Megatron checkpoint folder, or an HF model folder")
+    c.add_argument("--output", required=True, help="new folder: HF model (from Megatron) or torch_dist (from HF)")
+    c.add_argument("--tokenizer", default=None, help="Megatron -> HF: copy the tokenizer files from this folder")
+    c.add_argument("--tp", type=int, default=None, help="expected TP of the Megatron input (checked)")
+    c.add_argument("--pp", type=int, default=None, help="expected PP of the Megatron input (checked)")
     return parser
+
+
+def cmd_convert(a) -> int:
+    from seesaw_mc.checkpoints import convert
+
+    t0 = time.perf_counter()
+    kind = convert(a.input, a.output, a.tokenizer, a.tp, a.pp)
+    print(f"wrote {'an HF model' if kind == 'hf' else 'a Megatron torch_dist checkpoint'} to {a.output} "
+          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
 
 
 def cmd_generate(a) -> int:
@@ -239,7 +255,7 @@ def main(argv=None) -> int:
             demo.prepare_model(a.model_dir)
         return relaunch(a.nproc_per_node, argv)
     try:
-        return {"generate": cmd_generate, "make-demo": cmd_make_demo}[a.command](a)
+        return {"generate": cmd_generate, "make-demo": cmd_make_demo, "convert": cmd_convert}[a.command](a)
     except SeesawError as e:
         if debug:
             raise

@@ -61,6 +61,13 @@ def _read_json(path: str) -> dict:
 def load_model_args(model_dir: str) -> ModelArgs:
     if not os.path.isdir(model_dir):
         raise ModelError(f"model folder {model_dir!r} does not exist")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        from seesaw_mc.checkpoints.megatron import detect_format
+
+        fmt = detect_format(model_dir)
+        if fmt is not None:
+            raise ModelError(f"{model_dir} is a Megatron checkpoint ({fmt}); convert it first: seesaw-mc convert "
+                             f"--input {model_dir} --output HF_DIR --tokenizer TOKENIZER_DIR")
     cfg = _read_json(os.path.join(model_dir, "config.json"))
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None

@@ -139,17 +139,19 @@ def set_tp_allreduce(world_reduce, world_size: int) -> None:
 
 @contextlib.contextmanager
 def cpu_device_shim():
-    """megatron-core allocates communication buffers on torch.cuda.current_device(); on a
-    CPU-only host that call fails, so for the duration of the block it answers "cpu"."""
+    """megatron-core allocates communication buffers on torch.cuda.current_device() and
+    dist_checkpointing calls torch.cuda.synchronize(); on a CPU-only host both fail, so for
+    the duration of the block they answer "cpu" and do nothing."""
     if HAS_CUDA:
         yield
         return
-    saved = torch.cuda.current_device
+    saved = torch.cuda.current_device, torch.cuda.synchronize
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None  # dist_checkpointing's save path calls it
     try:
         yield
     finally:
-        torch.cuda.current_device = saved
+        torch.cuda.current_device, torch.cuda.synchronize = saved
 
 
 def stage_layer_range(num_layers: int, pp: int, stage: int) -> Tuple[int, int]:
@@ -223,3 +225,53 @@ def build_layout_groups(layouts: Dict[str, object], num_layers: int, config_for_
                 g.comm = P2PCommunicator(pp_group=pgs.pp, config=config_for_p2p)
         out[name] = g
     return out
+
+
+# -- megatron-core's own GPTModel, for checkpoint conversion (not used by the engine) ----------
+def init_megatron_parallel(tp: int, pp: int, seed: int = 1234) -> None:
+    """megatron-core's global parallel state over the current world (tp fastest, then pp)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    with cpu_device_shim():
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+
+
+def megatron_gpt_model(args, params_dtype: torch.dtype = torch.float32, vocab_size: Optional[int] = None,
+                       init_std: float = 0.02):
+    """A megatron-core GPTModel (local layer spec) for a Llama-family ModelArgs, on this rank's
+    pipeline stage of the global parallel state (init_megatron_parallel). Its state dict uses
+    Megatron's names; its sharded_state_dict reshards through dist_checkpointing."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cfg = transformer_config(args, params_dtype, tp_size=tp, pp_size=pp)
+    cfg.perform_initialization = True
+    cfg.init_method_std = init_std
+    from megatron.core.utils import init_method_normal, scaled_init_method_normal
+
+    cfg.init_method = init_method_normal(init_std)
+    cfg.output_layer_init_method = scaled_init_method_normal(init_std, args.num_layers)
+    with cpu_device_shim():
+        model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"),
+                         vocab_size=vocab_size or args.vocab_size, max_sequence_length=args.max_position_embeddings,
+                         pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage(),
+                         share_embeddings_and_output_weights=args.tie_word_embeddings,
+                         position_embedding_type="rope", rotary_base=int(args.rope_theta))
+    return model.eval()
+
+
+@torch.no_grad()
+def megatron_gpt_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full-sequence logits [b, s, vocab / tp] of a single-stage GPTModel (causal mask given
+    explicitly: megatron-core's default mask is allocated on CUDA)."""
+    s = input_ids.shape[1]
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+    pos = torch.arange(s)[None].expand_as(input_ids)
+    with cpu_device_shim():
+        return model(input_ids, pos, attention_mask=mask)

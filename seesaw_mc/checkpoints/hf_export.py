@@ -1,0 +1,99 @@
+"""Full Megatron-named tensors -> an HF transformers folder (config.json + safetensors), the
+inverse of model/hf_import.py, so a Megatron checkpoint can be checked against HF
+transformers and served by the engine."""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+from seesaw_mc.errors import ModelError
+from seesaw_mc.model.hf_import import ModelArgs
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+def unpack_qkv(t: torch.Tensor, args: ModelArgs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron linear_qkv rows (per query group: q heads, k, v) -> HF q, k, v."""
+    g, qpg, d = args.num_kv_heads, args.q_per_group, args.head_dim
+    rest = t.shape[1:]
+    x = t.reshape(g, (qpg + 2) * d, *rest)
+    q, k, v = x[:, : qpg * d], x[:, qpg * d: (qpg + 1) * d], x[:, (qpg + 1) * d:]
+    return (q.reshape(g * qpg * d, *rest).contiguous(), k.reshape(g * d, *rest).contiguous(),
+            v.reshape(g * d, *rest).contiguous())
+
+
+def hf_tensors(tensors: Dict[str, torch.Tensor], args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
+    yield "model.embed_tokens.weight", tensors["embedding.word_embeddings.weight"]
+    for i in range(args.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        yield dst + "input_layernorm.weight", tensors[src + "input_layernorm.weight"]
+        q, k, v = unpack_qkv(tensors[src + "self_attention.linear_qkv.weight"], args)
+        yield from ((dst + "self_attn.q_proj.weight", q), (dst + "self_attn.k_proj.weight", k),
+                    (dst + "self_attn.v_proj.weight", v))
+        if args.qkv_bias:
+            q, k, v = unpack_qkv(tensors[src + "self_attention.linear_qkv.bias"], args)
+            yield from ((dst + "self_attn.q_proj.bias", q), (dst + "self_attn.k_proj.bias", k),
+                        (dst + "self_attn.v_proj.bias", v))
+        yield dst + "self_attn.o_proj.weight", tensors[src + "self_attention.linear_proj.weight"]
+        yield dst + "post_attention_layernorm.weight", tensors[src + "pre_mlp_layernorm.weight"]
+        gate, up = tensors[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        yield dst + "mlp.gate_proj.weight", gate.contiguous()
+        yield dst + "mlp.up_proj.weight", up.contiguous()
+        yield dst + "mlp.down_proj.weight", tensors[src + "mlp.linear_fc2.weight"]
+    yield "model.norm.weight", tensors["decoder.final_layernorm.weight"]
+    if not args.tie_word_embeddings:
+        yield "lm_head.weight", tensors["output_layer.weight"]
+
+
+def hf_config(args: ModelArgs, eos_token_id=None, bos_token_id=None):
+    import transformers as tf
+
+    cls = tf.Qwen2Config if args.architecture == "Qwen2ForCausalLM" else tf.LlamaConfig
+    kw = dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.ffn_hidden_size,
+              num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+              num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim, rms_norm_eps=args.rms_norm_eps,
+              rope_theta=args.rope_theta, max_position_embeddings=args.max_position_embeddings,
+              tie_word_embeddings=args.tie_word_embeddings, hidden_act="silu", eos_token_id=eos_token_id,
+              bos_token_id=bos_token_id)
+    if cls is tf.LlamaConfig:
+        kw.update(attention_bias=False, mlp_bias=False)
+    cfg = cls(**kw)
+    cfg.architectures = [args.architecture]
+    cfg.torch_dtype = args.torch_dtype
+    return cfg
+
+
+def write_hf(out: str, args: ModelArgs, tensors: Dict[str, torch.Tensor], tokenizer: Optional[str] = None,
+             dtype: Optional[torch.dtype] = None) -> str:
+    """Write config.json + model.safetensors (+ the tokenizer files of `tokenizer`)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    eos = bos = None
+    if tokenizer:
+        if not os.path.isdir(tokenizer):
+            raise ModelError(f"tokenizer folder {tokenizer!r} does not exist")
+        copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer, f))]
+        if not copied:
+            raise ModelError(f"tokenizer folder {tokenizer!r} has no tokenizer files")
+        for f in copied:
+            shutil.copy2(os.path.join(tokenizer, f), os.path.join(out, f))
+        try:
+            import json
+
+            with open(os.path.join(tokenizer, "config.json")) as f:
+                src = json.load(f)
+            eos, bos = src.get("eos_token_id"), src.get("bos_token_id")
+        except (OSError, ValueError):
+            pass
+    hf_config(args, eos, bos).save_pretrained(out)
+    out_tensors = {}
+    for name, t in hf_tensors(tensors, args):
+        t = t.detach().to(dtype or t.dtype).contiguous()
+        out_tensors[name] = t.clone() if any(t.data_ptr() == o.data_ptr() for o in out_tensors.values()) else t
+    save_file(out_tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return out

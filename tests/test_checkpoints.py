@@ -1,0 +1,179 @@
+"""Megatron checkpoints made by megatron-core itself: torch_dist under TP2PP2 and legacy
+mp_rank_* under TP2 and TP2PP2, converted and served in several layouts; bad checkpoints
+fail with one line."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_cli import run_cli
+from test_layouts import check, torchrun
+from tiny_models import build_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.slow
+
+
+def megatron_worker(nproc, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, os.path.join(HERE, "megatron_worker.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               os.path.join(HERE, "megatron_worker.py"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def convert(*args):
+    r = run_cli("convert", *args)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """An HF Llama (GQA 4/2, untied) -> torch_dist TP1 (our converter, through megatron-core's
+    GPTModel) -> megatron-core reshards and saves it as torch_dist TP2PP2 and legacy TP2 and
+    TP2PP2 -> each converted back to HF."""
+    root = tmp_path_factory.mktemp("megatron")
+    hf = build_model("llama", str(root / "hf"), layers=4, seed=11)
+    p = {"hf": hf, "tp1": str(root / "tp1"), "dist22": str(root / "dist22"), "leg2": str(root / "leg2"),
+         "leg22": str(root / "leg22"), "ref": str(root / "ref.pt")}
+    convert("--input", hf, "--output", p["tp1"])
+    megatron_worker(1, "logits", p["tp1"], p["ref"])
+    megatron_worker(4, "dist", p["tp1"], p["dist22"], "2", "2")
+    megatron_worker(2, "legacy", p["tp1"], p["leg2"], "2")
+    megatron_worker(4, "legacy", p["tp1"], p["leg22"], "2", "2")
+    for name, tp, pp in (("dist22", 2, 2), ("leg2", 2, 1), ("leg22", 2, 2)):
+        p[name + "_hf"] = str(root / (name + "_hf"))
+        convert("--input", p[name], "--output", p[name + "_hf"], "--tokenizer", hf, "--tp", str(tp), "--pp", str(pp))
+    return p
+
+
+def test_layouts_on_disk(ckpts):
+    d = os.path.join(ckpts["dist22"], "iter_0000007")
+    assert open(os.path.join(ckpts["dist22"], "latest_checkpointed_iteration.txt")).read().strip() == "7"
+    assert os.path.exists(os.path.join(d, "metadata.json")) and os.path.exists(os.path.join(d, "common.pt"))
+    assert sorted(os.listdir(os.path.join(ckpts["leg2"], "iter_0000003"))) == ["mp_rank_00", "mp_rank_01"]
+    assert sorted(os.listdir(os.path.join(ckpts["leg22"], "iter_0000003"))) == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+
+
+@pytest.mark.parametrize("name", ["dist22_hf", "leg2_hf", "leg22_hf"])
+def test_round_trip_is_exact(ckpts, name):
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(ckpts["hf"], "model.safetensors"))
+    b = load_file(os.path.join(ckpts[name], "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_logits_match_megatron_forward(ckpts):
+    """megatron-core's own forward (GPTModel) vs HF transformers on the converted folder and
+    vs our engine's logprobs, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from seesaw_mc import LLM, SamplingParams
+
+    ref = torch.load(ckpts["ref"])
+    ids, want = ref["ids"], ref["logits"].float()
+    hf = AutoModelForCausalLM.from_pretrained(ckpts["dist22_hf"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf(ids).logits
+    assert (got - want).abs().max().item() <= 1e-5
+    llm = LLM(ckpts["dist22_hf"])
+    out = llm.generate([{"prompt_token_ids": ids[0].tolist()}], SamplingParams(temperature=0, max_tokens=1,
+                                                                                 logprobs=20), use_tqdm=False)
+    lps = out[0].outputs[0].logprobs[0]
+    ref_lp = torch.log_softmax(want[0, -1], dim=-1)
+    assert len(lps) >= 20
+    for tid, lp in lps.items():
+        assert abs(lp.logprob - ref_lp[tid].item()) <= 1e-5, tid
+
+
+def test_converted_checkpoint_in_every_layout(ckpts, tmp_path):
+    """TP1 in-process is covered above; TP2, PP2 and P2->T2 under torchrun equal HF greedy."""
+    model = ckpts["dist22_hf"]
+    cases = [{"name": n, "model": model, "prefill": p, "decode": d, "max_tokens": 10,
+              "blocks": None if p == d else 24, "host_blocks": None if p == d else 30}
+             for n, p, d in (("tp2", "tp2", "tp2"), ("pp2", "pp2", "pp2"), ("pp2->tp2", "pp2", "tp2"))]
+    res = torchrun(2, {"cases": cases}, tmp_path)
+    check(res, model, 10, {"pp2->tp2"})
+
+
+def _legacy_copy(ckpts, tmp_path, name="leg2"):
+    dst = tmp_path / name
+    shutil.copytree(ckpts[name], dst)
+    return dst
+
+
+def assert_one_line(r, fragment, code=3):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == code, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("seesaw-mc: error: ") and fragment in lines[0], r.stderr
+
+
+def test_corrupt_shard(ckpts, tmp_path):
+    d = _legacy_copy(ckpts, tmp_path)
+    f = d / "iter_0000003" / "mp_rank_01" / "model_optim_rng.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    r = run_cli("convert", "--input", str(d), "--output", str(tmp_path / "out"))
+    assert_one_line(r, "mp_rank_01/model_optim_rng.pt: corrupt, truncated")
+
+
+def test_corrupt_distcp(ckpts, tmp_path):
+    d = tmp_path / "dist"
+    shutil.copytree(ckpts["dist22"], d)
+    shard = sorted((d / "iter_0000007").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    r = run_cli("convert", "--input", str(d), "--output", str(tmp_path / "out"))
+    assert_one_line(r, "cannot load the distributed checkpoint")
+
+
+def test_missing_rank_folder(ckpts, tmp_path):
+    d = _legacy_copy(ckpts, tmp_path, "leg22")
+    shutil.rmtree(d / "iter_0000003" / "mp_rank_01_001")
+    r = run_cli("convert", "--input", str(d), "--output", str(tmp_path / "out"))
+    assert_one_line(r, "missing rank folder mp_rank_01_001 (saved args say TP 2 x PP 2)")
+
+
+@pytest.mark.parametrize("flag,fragment", [(["--tp", "4"], "saved with TP 2, not --tp 4"),
+                                           (["--pp", "2"], "saved with PP 1, not --pp 2")])
+def test_wrong_tp_or_pp(ckpts, tmp_path, flag, fragment):
+    r = run_cli("convert", "--input", ckpts["leg2"], "--output", str(tmp_path / "out"), *flag)
+    assert_one_line(r, fragment)
+
+
+def test_unsupported_moe_and_missing_layer(ckpts, tmp_path):
+    import argparse
+
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    d = _legacy_copy(ckpts, tmp_path)
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        f = d / "iter_0000003" / rank / "model_optim_rng.pt"
+        sd = torch.load(f, weights_only=False)
+        sd["args"].num_experts = 8
+        torch.save(sd, f)
+    r = run_cli("convert", "--input", str(d), "--output", str(tmp_path / "out"))
+    assert_one_line(r, "unsupported model: mixture of experts (8 experts)")
+    d2 = _legacy_copy(ckpts, tmp_path / "b")
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        f = d2 / "iter_0000003" / rank / "model_optim_rng.pt"
+        sd = torch.load(f, weights_only=False)
+        sd["model"] = {k: v for k, v in sd["model"].items() if not k.startswith("decoder.layers.3.")}
+        torch.save(sd, f)
+    r = run_cli("convert", "--input", str(d2), "--output", str(tmp_path / "out2"))
+    assert_one_line(r, "the stages hold 3 layers, the saved args say 4 (missing layer)")
+
+
+def test_serving_a_megatron_folder_says_convert_first(ckpts, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "the quick brown fox", "max_tokens": 3}\n')
+    r = run_cli("generate", "--model", ckpts["leg2"], "--input", str(inp), "--output", str(tmp_path / "o.jsonl"))
+    assert_one_line(r, "is a Megatron checkpoint (legacy); convert it first: seesaw-mc convert")
