@@ -92,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--input", required=True, help="JSONL: one request per line")
     g.add_argument("--output", required=True, help="JSONL: one result per request, appended as they finish")
+    g.add_argument("--resume", action="store_true",
+                   help="keep the output's complete lines and run only the requests not in it yet")
     g.add_argument("--no-tqdm", action="store_true", help="no progress bar")
     g.add_argument("--metrics-json", default=None, help="write phase times and every layout transition here")
     g.add_argument("--timeline", default=None, help="draw phases, transitions and KV tier use to this PNG")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     d = sub.add_parser("make-demo", help="prepare the bundled SmolLM2-135M-Instruct and run the demo prompts")
     d.add_argument("--model-dir", default=".cache/models/SmolLM2-135M-Instruct")
     d.add_argument("--prompts", default=None, help="demo prompts JSONL (default: examples/demo_prompts.jsonl)")
@@ -121,6 +124,20 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def dist_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def broadcast_from_rank0(obj):
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def cmd_generate(a) -> int:
     from seesaw_mc.inputs import read_requests
     from seesaw_mc.sampling_params import SamplingParams
@@ -134,6 +151,7 @@ def cmd_generate(a) -> int:
         raise SeesawError(f"output folder {out_dir!r} does not exist")
 
     from seesaw_mc.api import LLM, lead, run_engine
+    from seesaw_mc.batch_output import AppendWriter, request_key, scan_for_resume
     from seesaw_mc.inputs import output_record
 
     t0 = time.perf_counter()
@@ -153,38 +171,49 @@ def cmd_generate(a) -> int:
         except SeesawError as e:
             raise type(e)(f"line {spec.line}: {e}") from None
         by_id[spec.request_id] = spec
+    # Resume: rank 0 reads what the output already holds and every rank skips those requests
+    # (the same list everywhere, so DP replicas split the rest alike). Without --resume the
+    # output starts empty.
+    done, problem = set(), None
+    if dist_rank() == 0:
+        try:
+            done = scan_for_resume(a.output) if a.resume else set()
+            AppendWriter(a.output, truncate=not a.resume).close()
+        except (SeesawError, OSError) as e:
+            problem = str(e) if isinstance(e, SeesawError) else f"cannot write {a.output}: {e.strerror}"
+    done, problem = broadcast_from_rank0((done, problem))
+    if problem:  # every rank stops with the same line
+        raise SeesawError(problem)
+    todo = [s for s in specs if request_key(s.request_id) not in done]
+    if a.resume and dist_rank() == 0:
+        print(f"resume: {len(specs) - len(todo)} of {len(specs)} requests already in {a.output}", file=sys.stderr)
     if not eng.is_leader:
         eng.worker_loop()
         return 0
-    mine = specs[eng.dp_rank::eng.dp_size]  # DP replicas split the requests round-robin
+    mine = todo[eng.dp_rank::eng.dp_size]  # DP replicas split the requests round-robin
     for spec in mine:
         eng.add_request(spec.request_id, spec.prompt_token_ids, spec.params, prompt=spec.prompt)
     model_name = os.path.basename(os.path.normpath(a.model))
     t_load = time.perf_counter() - t0
     counts = {"requests": 0, "prompt": 0, "completion": 0}
     t1 = time.perf_counter()
-    path = a.output if eng.dp_size == 1 else f"{a.output}.dp{eng.dp_rank}.part"
-    with open(path, "w", encoding="utf-8") as f:
-        def write(out):
-            rec = output_record(by_id[out.request_id], out, model_name)
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
+    out = AppendWriter(a.output, truncate=False)
+    try:
+        def write(res):
+            out.write(output_record(by_id[res.request_id], res, model_name))
             counts["requests"] += 1
-            counts["prompt"] += out.usage["prompt_tokens"]
-            counts["completion"] += out.usage["completion_tokens"]
+            counts["prompt"] += res.usage["prompt_tokens"]
+            counts["completion"] += res.usage["completion_tokens"]
 
         lead(eng, lambda: run_engine(eng, len(mine), use_tqdm=not a.no_tqdm and sys.stderr.isatty(),
                                      on_output=write))
+    finally:
+        out.close()
     if eng.dp_size > 1:
-        parts = eng.gather_across_replicas((path, counts))
+        parts = eng.gather_across_replicas(counts)
         if eng.dp_rank != 0:
             return 0
-        with open(a.output, "w", encoding="utf-8") as f:
-            for part, _ in parts:
-                with open(part, encoding="utf-8") as g:
-                    f.write(g.read())
-                os.unlink(part)
-        counts = {k: sum(c[k] for _, c in parts) for k in counts}
+        counts = {k: sum(c[k] for c in parts) for k in counts}
     if a.timeline:
         from seesaw_mc.timeline import plot_timeline
 

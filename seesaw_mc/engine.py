@@ -96,7 +96,9 @@ def check_layouts(config: EngineConfig, args: ModelArgs) -> str:
     if world != config.world_size:
         raise ConfigError(f"layouts {config.prefill_layout} -> {config.decode_layout} need {config.world_size} ranks "
                           f"but {world} were launched")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    from seesaw_mc.parallel.megatron_adapter import local_world_size
+
+    local = local_world_size(world)
     replica = config.prefill_layout.tp * config.prefill_layout.pp
     if config.prefill_layout != config.decode_layout and replica > local:
         raise ConfigError(f"switching layouts needs each DP replica ({replica} ranks) on one node "

@@ -135,7 +135,7 @@ class ModelRunner:
         """A file in /dev/shm shared by the ranks of a node: local rank 0 runs create(path),
         then every rank open_(path). It is unlinked as soon as every rank has mapped it, so
         nothing is left behind in /dev/shm, even after a crash."""
-        path = os.path.join(shm_dir(), f"seesaw-{self._job}-{kind}-{os.environ.get('GROUP_RANK', '0')}")
+        path = os.path.join(shm_dir(), f"seesaw-{self._job}-{kind}-{mc.node_rank()}")
         try:
             if self.local_rank == 0:
                 create(path)
@@ -191,7 +191,7 @@ class ModelRunner:
             return c.num_host_blocks
         per_block = bytes_per_block(self.args.num_layers, self.block_size, self.args.num_kv_heads,
                                     self.args.head_dim, self.dtype)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        local = mc.local_world_size(dist.get_world_size())
         replicas_here = max(1, min(lay.dp, local // (lay.tp * lay.pp)))
         return max(1, host_kv_budget(c) // replicas_here // per_block)
 

@@ -30,6 +30,16 @@ with warnings.catch_warnings():
 HAS_CUDA = torch.cuda.is_available()
 
 
+def local_world_size(default: int) -> int:
+    """Ranks on this node: torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or default)
+
+
+def node_rank() -> int:
+    """This node's index: torchrun sets GROUP_RANK, the deepspeed launcher CROSS_RANK."""
+    return int(os.environ.get("GROUP_RANK") or os.environ.get("CROSS_RANK") or 0)
+
+
 def default_device() -> torch.device:
     if HAS_CUDA:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
@@ -104,6 +114,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
 
     if dist.is_initialized():
         return
+    from seesaw_mc.parallel.procs import die_with_parent
+
+    die_with_parent()
     backend = backend or ("nccl" if HAS_CUDA else "gloo")
     timeout = datetime.timedelta(seconds=timeout_s)
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:

@@ -1,0 +1,151 @@
+"""Launchers users already use (deepspeed, torchrun multi-node) and batch jobs that survive a
+SIGKILL (--resume)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_cli import run_cli, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    words = "the quick brown fox jumps over a lazy dog paris london berlin model cache token".split()
+    return [{"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(2, 12))),
+             "max_tokens": rng.randint(4, 16)} for _ in range(n)]
+
+
+def lines_by_id(path):
+    out = {}
+    for ln in open(path, encoding="utf-8").read().splitlines():
+        rid = json.loads(ln)["id"]
+        assert rid not in out, f"request {rid} written twice"
+        out[rid] = ln
+    return out
+
+
+def test_deepspeed_launcher_runs_a_seesaw_job(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(6))
+    ref = tmp_path / "ref.jsonl"
+    assert run_cli("generate", "--model", model, "--input", inp, "--output", str(ref), "--ignore-eos").returncode == 0
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, MASTER_PORT=str(free_port()), PYTHON=sys.executable,
+               DEEPSPEED=os.path.join(os.path.dirname(sys.executable), "deepspeed"))
+    r = subprocess.run([os.path.join(ROOT, "launch", "deepspeed.sh"), "2", "--model", model, "--input", inp,
+                        "--output", str(out), "--layouts", "P2->T2", "--ignore-eos", "--num-host-blocks", "12",
+                        "--num-device-blocks", "16", "--block-size", "4", "--metrics-json", str(tmp_path / "m.json")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert lines_by_id(out) == lines_by_id(ref)  # the same lines as the 1-rank run
+    assert len(json.load(open(tmp_path / "m.json"))["transitions"]) >= 2
+
+
+def test_torchrun_two_nodes_on_loopback(tiny_models, tmp_path):
+    """Two torchrun agents (--nnodes 2, c10d rendezvous) of 2 ranks each: D2P2->D2T2, one DP
+    replica per node, Seesaw switching inside each node."""
+    model = tiny_models["llama"]
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(8, seed=1))
+    ref = tmp_path / "ref.jsonl"
+    assert run_cli("generate", "--model", model, "--input", inp, "--output", str(ref), "--ignore-eos").returncode == 0
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NNODES="2", NPROC="2",
+               OMP_NUM_THREADS="1", PYTHON=sys.executable, RDZV_ID=f"test-{os.getpid()}")
+    cmd = [os.path.join(ROOT, "launch", "torchrun_multinode.sh"), "--model", model, "--input", inp, "--output",
+           str(out), "--layouts", "D2P2->D2T2", "--ignore-eos", "--num-host-blocks", "16",
+           "--num-device-blocks", "16", "--block-size", "4"]
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for _ in range(2)]
+    errs = [a.communicate(timeout=300)[1] for a in agents]
+    assert all(a.returncode == 0 for a in agents), "\n".join(e[-2000:] for e in errs)
+    assert lines_by_id(out) == lines_by_id(ref)
+
+
+def _children(pid):
+    out, todo = [], [pid]
+    while todo:
+        r = subprocess.run(["ps", "-o", "pid=", "--ppid", str(todo.pop())], capture_output=True, text=True)
+        kids = [int(x) for x in r.stdout.split()]
+        out += kids
+        todo += kids
+    return out
+
+
+def _shm():
+    return {n for n in os.listdir("/dev/shm") if n.startswith(("seesaw-", "deepspeed_allreduce"))}
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _start_job(model, inp, out, extra=()):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "seesaw_mc", "generate", "--model", model, "--input", inp, "--output", str(out),
+           "--layouts", "P2->T2", "--nproc-per-node", "2", "--ignore-eos", "--max-num-seqs", "2",
+           "--num-host-blocks", "12", "--num-device-blocks", "16", "--block-size", "4", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def test_resume_after_sigkill(tiny_models, tmp_path):
+    """Kill a 2-rank P2->T2 job with SIGKILL mid-run (plus a torn last line), restart it with
+    --resume: every request exactly once, every line byte-identical to an uninterrupted run."""
+    model = tiny_models["llama"]
+    rows = prompts(40, seed=2)
+    for r in rows:
+        r["max_tokens"] = 24
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    full = tmp_path / "full.jsonl"
+    p = _start_job(model, inp, full)
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    want = lines_by_id(full)
+    assert len(want) == 40
+
+    out = tmp_path / "out.jsonl"
+    shm_before = _shm()
+    p = _start_job(model, inp, out)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if out.exists() and len(out.read_text().splitlines()) >= 5:
+            break
+        assert p.poll() is None, "the job finished before it could be killed"
+        time.sleep(0.05)
+    ranks = _children(p.pid)
+    assert len(ranks) >= 2, ranks
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher only: torchrun's ranks live in sessions of their own
+    p.wait()
+    deadline = time.time() + 30  # ... and die with it
+    while any(_alive(r) for r in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(r) for r in ranks), "ranks outlived their killed launcher"
+    assert _shm() <= shm_before, "the killed job left files in /dev/shm"
+    got = out.read_text().splitlines()
+    assert 5 <= len(got) < 40, len(got)
+    with open(out, "a") as f:  # as if killed in the middle of writing a line
+        f.write('{"id": 40, "text": "torn')
+    p = _start_job(model, inp, out, ["--resume"])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert f"resume: {len(got)} of 40 requests already in" in err
+    assert lines_by_id(out) == want
