@@ -75,6 +75,10 @@ class ModelRunner:
         self.replica_size = first.layout.tp * first.layout.pp
         self._job = self._job_id()
         self.master = self._open_master()
+        self._weight_stream = None
+        if self.device.type == "cuda":
+            self.master.pin()  # page-locked: transitions copy shards asynchronously
+            self._weight_stream = torch.cuda.Stream(self.device)
         # Weights first: on CUDA the KV budget is what is free once they are loaded.
         self.models["prefill"].load_full_tensors(self.master.tensors())
         self.active = "prefill"
@@ -89,6 +93,13 @@ class ModelRunner:
         self.switching = len(distinct) > 1
         self.num_host_blocks = 0
         self.host_kv = self._open_host_kv() if self.switching else None
+        # CUDA: KV crosses PCIe through a pinned staging buffer on a side stream (kv/host_tier.py);
+        # on CPU both tiers are RAM and copies go direct.
+        self.stager = None
+        if self.switching and self.device.type == "cuda":
+            from seesaw_mc.kv.host_tier import Stager
+
+            self.stager = Stager(self.device, dtype)
         self._copier = None
         self._pending: list = []  # (kind, future) of background KV copies, oldest first
         self.swap_stats = {k: 0.0 for k in ("offload_s", "offload_wait_s", "prefetch_s", "prefetch_wait_s",
@@ -215,7 +226,8 @@ class ModelRunner:
         if pairs:
             self.drain_copies()
             t = time.perf_counter()
-            self.host_kv.copy_out(*self._kv_slice(), pairs)
+            self._begin_staged()
+            self.host_kv.copy_out(*self._kv_slice(), pairs, stager=self.stager)
             self.swap_stats["swap_out_s"] += time.perf_counter() - t
             self.swap_stats["swap_out_blocks"] += len(pairs)
 
@@ -224,7 +236,8 @@ class ModelRunner:
         if pairs:
             self.drain_copies()
             t = time.perf_counter()
-            self.host_kv.copy_in(*self._kv_slice(), pairs)
+            self._begin_staged()
+            self.host_kv.copy_in(*self._kv_slice(), pairs, stager=self.stager)
             self.swap_stats["swap_in_s"] += time.perf_counter() - t
             self.swap_stats["swap_in_blocks"] += len(pairs)
 
@@ -248,14 +261,19 @@ class ModelRunner:
 
             self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-kv-copy")
         views = self._kv_slice()
+        self._begin_staged()  # on CUDA the side stream starts after the compute issued so far
 
         def run():
             t = time.perf_counter()
-            copy(*views, pairs)
+            copy(*views, pairs, stager=self.stager)
             return time.perf_counter() - t
 
         self._pending.append((kind, self._copier.submit(run)))
         self.swap_stats[f"{kind}_blocks"] += len(pairs)
+
+    def _begin_staged(self) -> None:
+        if self.stager is not None:
+            self.stager.begin()
 
     def drain_copies(self, keep: int = 0) -> None:
         """Wait for background copies, all but the newest `keep`."""
@@ -293,17 +311,33 @@ class ModelRunner:
         self.active = name
         if self.models[old] is self.models[name]:
             return None
-        self.drain_copies()  # the other layout reads what this one wrote
         t0 = time.perf_counter()
         t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
         t1 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if cuda:  # the last step's kernels are done before their weights' memory is reused
+            torch.cuda.current_stream(self.device).synchronize()
         self.models[old].release_weights()
-        weight_bytes = self.models[name].load_full_tensors(self.master.tensors())
+        if cuda:
+            # Shards DMA from the pinned master copy on a side stream while the KV offload
+            # drains below (opposite directions over PCIe).
+            with torch.cuda.stream(self._weight_stream):
+                weight_bytes = self.models[name].load_full_tensors(self.master.tensors(),
+                                                                   non_blocking=self.master.pinned)
+        else:  # views of the shared master copy: nothing moves
+            weight_bytes = self.models[name].load_full_tensors(self.master.tensors())
         t2 = time.perf_counter()
-        dist.barrier(group=self.replica_group)
+        self.drain_copies()  # the other layout reads what this one wrote
         t3 = time.perf_counter()
-        rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": t2 - t1, "barrier_s": t3 - t2,
-               "weight_bytes_copied": weight_bytes, "total_s": t3 - t0, "at": time.time()}
+        if cuda:
+            self._weight_stream.synchronize()
+            torch.cuda.current_stream(self.device).wait_stream(self._weight_stream)
+        t4 = time.perf_counter()
+        dist.barrier(group=self.replica_group)
+        t5 = time.perf_counter()
+        rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": (t2 - t1) + (t4 - t3),
+               "kv_drain_s": t3 - t2, "barrier_s": t5 - t4, "weight_bytes_copied": weight_bytes,
+               "total_s": t5 - t0, "at": time.time()}
         self.transitions.append(rec)
         return rec
 

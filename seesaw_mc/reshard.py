@@ -98,6 +98,20 @@ class MasterWeights:
         self.index = index
         self._buf = buf
         self.nbytes = buf.numel()
+        self.pinned = False
+
+    def pin(self) -> bool:
+        """CUDA: page-lock the shared mapping in place (cudaHostRegister), so that shard
+        copies to the GPU are asynchronous DMA. Best effort: False leaves it pageable (copies
+        are then synchronous, still correct)."""
+        if self.pinned or not torch.cuda.is_available():
+            return self.pinned
+        try:
+            err = torch.cuda.cudart().cudaHostRegister(self._buf.data_ptr(), self.nbytes, 0)
+            self.pinned = int(err) == 0
+        except (AttributeError, RuntimeError, TypeError):
+            self.pinned = False
+        return self.pinned
 
     def tensors(self):
         for name, (dtype, shape, off, n) in self.index.items():

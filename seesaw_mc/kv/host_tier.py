@@ -38,7 +38,7 @@ class HostKVBuffer:
         buf = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         return cls(buf.view(dtype).view(shape), dp_rank)
 
-    def copy_out(self, views: KVCacheViews, layer_start: int, head_start: int, pairs) -> None:
+    def copy_out(self, views: KVCacheViews, layer_start: int, head_start: int, pairs, stager=None) -> None:
         """Device -> host for (device_block, host_block) pairs: this rank's layers and heads."""
         h = views.num_kv_heads
         for (d0, h0, n) in block_runs(pairs):
@@ -48,19 +48,106 @@ class HostKVBuffer:
                     # NOTE: this transposition runs at ~1/2-1/3 of memcpy speed on CPU; a
                     # head-major device cache would avoid it but makes decode's block gather
                     # 3x slower (measured), and decode steps far outnumber swaps.
-                    self.t[layer_start + i, j, head_start:head_start + h, h0:h0 + n].copy_(
-                        dev[d0:d0 + n].permute(2, 0, 1, 3))
+                    dst = self.t[layer_start + i, j, head_start:head_start + h, h0:h0 + n]
+                    if stager is None:
+                        dst.copy_(dev[d0:d0 + n].permute(2, 0, 1, 3))
+                    else:
+                        stager.to_host(dst, dev, d0, n)
                     self.bytes_out += n * dev[0].numel() * dev.element_size()
+        if stager is not None:
+            stager.finish()
 
-    def copy_in(self, views: KVCacheViews, layer_start: int, head_start: int, pairs) -> None:
+    def copy_in(self, views: KVCacheViews, layer_start: int, head_start: int, pairs, stager=None) -> None:
         """Host -> device for (device_block, host_block) pairs: this rank's layers and heads."""
         h = views.num_kv_heads
         for (d0, h0, n) in block_runs(pairs):
             for i, (k, v) in enumerate(views.layers):
                 for j, dev in enumerate((k, v)):
-                    dev[d0:d0 + n].copy_(self.t[layer_start + i, j, head_start:head_start + h, h0:h0 + n]
-                                         .permute(1, 2, 0, 3))
+                    src = self.t[layer_start + i, j, head_start:head_start + h, h0:h0 + n]
+                    if stager is None:
+                        dev[d0:d0 + n].copy_(src.permute(1, 2, 0, 3))
+                    else:
+                        stager.to_device(dev, d0, n, src)
                     self.bytes_in += n * dev[0].numel() * dev.element_size()
+        if stager is not None:
+            stager.finish()
+
+
+class Stager:
+    """Device <-> host-tier copies through a page-locked staging buffer on a side stream: how
+    KV crosses PCIe on CUDA without blocking compute (the host tier itself is pageable shared
+    memory, which the GPU cannot DMA from asynchronously).
+
+    The staging buffer comes from DeepSpeed's accelerator (`get_accelerator().pin_memory`,
+    the allocation ZeRO-Offload stages through). Per (layer, K|V, run of blocks) chunk: the
+    device side transposes to head-major on the side stream, DMAs into the staging buffer,
+    and the host side copies from there into the shared tier (and the reverse for copy-in),
+    in pieces of at most the staging size. On CPU there is nothing to stage (both tiers are
+    RAM: a staging copy would double the bytes moved), so the engine copies directly; the
+    class still runs on CPU, with a plain buffer and no stream, which is how it is tested.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, staging_bytes: int = 64 << 20,
+                 after_compute: bool = True):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        buf = torch.empty(max(1, staging_bytes // dtype.itemsize), dtype=dtype)
+        if self.cuda:
+            from deepspeed.accelerator import get_accelerator
+
+            buf = get_accelerator().pin_memory(buf)
+            self.stream = torch.cuda.Stream(device)
+        else:
+            self.stream = None
+        self.staging = buf
+        self.after_compute = after_compute
+
+    def begin(self) -> None:
+        """Call on the compute thread when submitting: the side stream starts after the
+        compute issued so far (e.g. the prefill that wrote the KV being offloaded)."""
+        if self.cuda and self.after_compute:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def _pieces(self, n: int, per_block: int):
+        step = max(1, self.staging.numel() // per_block)
+        for a in range(0, n, step):
+            yield a, min(n, a + step)
+
+    def to_host(self, dst: torch.Tensor, dev: torch.Tensor, d0: int, n: int) -> None:
+        """dst [h, n, bs, d] (host tier) <- dev[d0:d0+n] ([n, bs, h, d])."""
+        per_block = dev[0].numel()
+        for a, b in self._pieces(n, per_block):
+            shape = (dst.shape[0], b - a) + tuple(dst.shape[2:])
+            stage = self.staging[: (b - a) * per_block].view(shape)
+            with self._on_stream():
+                stage.copy_(dev[d0 + a:d0 + b].permute(2, 0, 1, 3), non_blocking=self.cuda)
+            self._sync()
+            dst[:, a:b].copy_(stage)
+
+    def to_device(self, dev: torch.Tensor, d0: int, n: int, src: torch.Tensor) -> None:
+        """dev[d0:d0+n] ([n, bs, h, d]) <- src [h, n, bs, d] (host tier)."""
+        per_block = dev[0].numel()
+        for a, b in self._pieces(n, per_block):
+            self._sync()  # the staging buffer is free again
+            shape = (src.shape[0], b - a) + tuple(src.shape[2:])
+            stage = self.staging[: (b - a) * per_block].view(shape)
+            stage.copy_(src[:, a:b])
+            with self._on_stream():
+                on_dev = stage.to(self.device, non_blocking=self.cuda) if self.cuda else stage
+                dev[d0 + a:d0 + b].copy_(on_dev.permute(1, 2, 0, 3))
+
+    def finish(self) -> None:
+        """Everything issued is done: the next step may use the blocks copied in."""
+        self._sync()
+
+    def _on_stream(self):
+        import contextlib
+
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            self.stream.synchronize()
 
 
 def block_runs(pairs) -> List[Tuple[int, int, int]]:

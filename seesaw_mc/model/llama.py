@@ -201,9 +201,10 @@ class CausalLM(MegatronModule):
         for p in self.parameters():
             p.data = empty
 
-    def load_full_tensors(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> int:
+    def load_full_tensors(self, tensors: Iterable[Tuple[str, torch.Tensor]], non_blocking: bool = False) -> int:
         """Take this rank's shard of every full Megatron-named tensor (views where possible).
-        Returns the bytes that had to be copied (shards that are not views of the master)."""
+        Returns the bytes that had to be copied (shards that are not views of the master).
+        non_blocking: on CUDA from a pinned master, copies are queued on the current stream."""
         copied = 0
         params: Dict[str, nn.Parameter] = dict(self.named_parameters())
         loaded = set()
@@ -214,7 +215,7 @@ class CausalLM(MegatronModule):
                 p = params[local]
                 if tuple(shard.shape) != self._param_shapes[local]:
                     raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {self._param_shapes[local]}")
-                data = shard.to(device=self.rope.device, dtype=self.config.params_dtype)
+                data = shard.to(device=self.rope.device, dtype=self.config.params_dtype, non_blocking=non_blocking)
                 if data.untyped_storage().data_ptr() != full.untyped_storage().data_ptr():
                     copied += data.numel() * data.element_size()
                 p.data = data
