@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 
-from seesaw_mc.errors import SeesawError
+from seesaw_mc.errors import RankFailure, SeesawError
 
 PROG = "seesaw-mc"
 
@@ -47,6 +47,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allreduce", default="auto",
                    help="auto | gloo | deepspeed-shm | nccl: tensor-parallel all-reduce (auto: nccl on CUDA, DeepSpeed shm on one CPU host when a TP "
                         "group spans every rank, else gloo)")
+    g.add_argument("--collective-timeout", type=float, default=600.0,
+                   help="seconds a collective may wait for the other ranks before the job stops (a hung rank)")
     g.add_argument("--kernels", default="auto", help="auto | torch | deepspeed | apex: fused-op implementations "
                    "(DeepSpeed/apex kernels are CUDA-only; the choice is logged at start-up)")
     g.add_argument("--nproc-per-node", type=int, default=None,
@@ -68,6 +70,7 @@ def _layouts(a) -> dict:
 
 def _engine_kwargs(a) -> dict:
     return dict(**_layouts(a), decode_watermark=a.decode_watermark, allreduce=a.allreduce, kernels=a.kernels,
+                collective_timeout_s=a.collective_timeout,
                 dtype=a.dtype, seed=a.seed, max_model_len=a.max_model_len, block_size=a.block_size,
                 num_device_blocks=a.num_device_blocks, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
                 num_host_blocks=a.num_host_blocks, host_memory_bytes=a.host_memory_bytes,
@@ -261,11 +264,30 @@ def relaunch(nproc: int, argv) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     child = [a for i, a in enumerate(argv) if not a.startswith("--nproc-per-node")
              and not (i > 0 and argv[i - 1] == "--nproc-per-node")]
+    import tempfile
+
+    marker = os.path.join(tempfile.gettempdir(), f"seesaw-explained-{uuid.uuid4().hex}")
+    os.environ["SEESAW_EXPLAINED_FILE"] = marker
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
     try:
         elastic_launch(cfg, entrypoint=sys.executable)("-m", "seesaw_mc", *child)
     except ChildFailedError as e:
+        first_rank, first = e.get_first_failure()
+        explained = os.path.exists(marker)
+        if explained:
+            os.unlink(marker)
+        if first.exitcode < 0:  # killed by a signal: it could not say why
+            if not explained:  # ... and no surviving rank said it either
+                import signal
+
+                try:
+                    sig = signal.Signals(-first.exitcode).name
+                except ValueError:
+                    sig = f"signal {-first.exitcode}"
+                print(f"{PROG}: error: rank {first_rank} died ({sig}); the other ranks were stopped. Lines already "
+                      f"in the output are kept: rerun the same command with --resume", file=sys.stderr)
+            return RankFailure.exit_code
         codes = [f.exitcode for f in e.failures.values()]
         return next((c for c in codes if c and c > 0), 1)  # the ranks printed their own error lines
     return 0
@@ -296,6 +318,14 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - last line of defence: one line, not a traceback wall
         if debug:
             raise
+        from seesaw_mc.parallel.procs import explain_comm_failure, is_comm_failure
+
+        if is_comm_failure(e):
+            print(f"{PROG}: error: {explain_comm_failure(e)}", file=sys.stderr)
+            marker = os.environ.get("SEESAW_EXPLAINED_FILE")
+            if marker:  # tells our launcher (relaunch) that the failure was reported
+                open(marker, "a").close()
+            return RankFailure.exit_code
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"{PROG}: internal error: {type(e).__name__}: {msg} (rerun with SEESAW_DEBUG=1 for the traceback)",
               file=sys.stderr)

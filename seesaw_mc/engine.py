@@ -159,6 +159,11 @@ class LLMEngine:
                                              config.scheduler.max_num_batched_tokens, config.scheduler.decode_watermark)
         else:
             self.scheduler = Scheduler(device, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
+        self.watchdog = None
+        if torch.distributed.get_world_size() > 1:
+            from seesaw_mc.parallel.procs import Watchdog
+
+            self.watchdog = Watchdog(config.collective_timeout_s)
         self.plans = PlanBuilder()
         self.mirror = SequenceMirror()
         self.requests: Dict[Any, _Request] = {}
@@ -201,6 +206,8 @@ class LLMEngine:
     # -- one step -----------------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
         """Leader: schedule, tell the replica, run the phase, sample, collect finished requests."""
+        if self.watchdog:
+            self.watchdog.beat()
         out = self.scheduler.schedule()
         self.stats.preemptions += len(out.preempted)
         for s in out.preempted:
@@ -258,8 +265,12 @@ class LLMEngine:
     def worker_loop(self):
         """Non-leader ranks: follow the leader's plans until it says stop; returns its payload."""
         while True:
+            if self.watchdog:
+                self.watchdog.beat()
             plan = self.runner.broadcast_plan()
             if plan.kind == "stop":
+                if self.watchdog:
+                    self.watchdog.disarm()
                 if isinstance(plan.payload, SeesawError):
                     raise plan.payload
                 return plan.payload
@@ -275,6 +286,8 @@ class LLMEngine:
 
     def finish_run(self, payload=None):
         """Leader: release the workers from worker_loop, handing them `payload`."""
+        if self.watchdog:
+            self.watchdog.disarm()
         self.runner.broadcast_plan(StepPlan("stop", payload=payload))
         return payload
 

@@ -35,3 +35,9 @@ class CapacityError(SeesawError, ValueError):
     """A request that can never fit the KV cache or the model's context."""
 
     exit_code = 2
+
+
+class RankFailure(SeesawError):
+    """Another rank died or hung: this one stops; --resume finishes the job."""
+
+    exit_code = 4

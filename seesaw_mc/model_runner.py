@@ -21,6 +21,7 @@ from seesaw_mc.model.kernels import select_kernels
 from seesaw_mc.model.hf_import import ModelArgs, iter_megatron_tensors
 from seesaw_mc.model.llama import CausalLM
 from seesaw_mc.parallel import megatron_adapter as mc
+from seesaw_mc.parallel.procs import fault_point
 from seesaw_mc.reshard import MasterWeights, fc1_interleave_factor, interleave_fc1, shm_dir
 from seesaw_mc.sampling import Sampler
 
@@ -313,6 +314,7 @@ class ModelRunner:
             return None
         t0 = time.perf_counter()
         t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
+        fault_point("transition")
         t1 = time.perf_counter()
         cuda = self.device.type == "cuda"
         if cuda:  # the last step's kernels are done before their weights' memory is reused
@@ -379,6 +381,8 @@ class ModelRunner:
         self.prefetch_async(prefetch)
         if not seqs:
             return ([], []) if self.is_leader else None
+        if is_prefill:
+            fault_point("prefill")
         g = self.groups[self.active]
         model = self.models[self.active]
         order = None

@@ -123,6 +123,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    from seesaw_mc.parallel.procs import record_peers
+
+    record_peers()
 
 
 def set_tp_allreduce(world_reduce, world_size: int) -> None:
