@@ -20,7 +20,15 @@ def request_key(request_id) -> str:
     return json.dumps(request_id, sort_keys=True)
 
 
+def line_key(line: int) -> str:
+    """Error records are keyed by their input line (an invalid line may repeat a valid id)."""
+    return f"line:{line}"
+
+
 def record_key(rec: dict) -> str:
+    err = rec.get("error")
+    if isinstance(err, dict) and "line" in err:
+        return line_key(err["line"])
     return request_key(rec["custom_id"] if "custom_id" in rec else rec["id"])
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 
-from seesaw_mc.errors import RankFailure, SeesawError
+from seesaw_mc.errors import CapacityError, RankFailure, SeesawError
 
 PROG = "seesaw-mc"
 
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--input", required=True, help="JSONL: one request per line")
     g.add_argument("--output", required=True, help="JSONL: one result per request, appended as they finish")
+    g.add_argument("--skip-invalid", action="store_true",
+                   help="serve the valid input lines; write an error record for each invalid one (default: refuse)")
     g.add_argument("--resume", action="store_true",
                    help="keep the output's complete lines and run only the requests not in it yet")
     g.add_argument("--no-tqdm", action="store_true", help="no progress bar")
@@ -147,33 +149,54 @@ def cmd_generate(a) -> int:
 
     defaults = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                               min_p=a.min_p, ignore_eos=a.ignore_eos)
-    # Cheap checks first: a bad input file fails before the model loads.
-    specs = read_requests(a.input, defaults)
+    # Cheap checks first: a bad input file fails before the model loads (all its bad lines are
+    # listed together once the prompts are checked against the model's config below).
+    specs, invalid = read_requests(a.input, defaults, skip_invalid=True)
+    total = len(specs) + len(invalid)
     out_dir = os.path.dirname(os.path.abspath(a.output))
     if not os.path.isdir(out_dir):
         raise SeesawError(f"output folder {out_dir!r} does not exist")
 
     from seesaw_mc.api import LLM, lead, run_engine
-    from seesaw_mc.batch_output import AppendWriter, request_key, scan_for_resume
-    from seesaw_mc.inputs import output_record
+    from seesaw_mc.batch_output import AppendWriter, line_key, request_key, scan_for_resume
+    from seesaw_mc.engine import check_prompt, context_limit, load_tokenizer
+    from seesaw_mc.inputs import InvalidLine, error_record, output_record, raise_invalid
+    from seesaw_mc.model.hf_import import load_model_args
 
+    # Tokenize and check every prompt against the model's config before loading its weights,
+    # so that the whole input is refused (or its bad lines set aside) up front.
     t0 = time.perf_counter()
+    args = load_model_args(a.model)
+    context = context_limit(args, a.max_model_len)
+    tok = load_tokenizer(a.model)
+    ok = []
+    for spec in specs:
+        try:
+            if spec.messages is not None:
+                ids = _chat_ids(tok, spec.messages, spec.line)
+            elif spec.prompt is not None:
+                ids = tok.encode(spec.prompt)
+            else:
+                ids = spec.prompt_token_ids
+            spec.prompt_token_ids = check_prompt(spec.request_id, ids, args.vocab_size, context)
+            ok.append(spec)
+        except SeesawError as e:
+            msg = str(e).split(": ", 1)[1] if str(e).startswith("line ") else str(e)
+            invalid.append(InvalidLine(spec.line, msg, spec.request_id, spec.openai is not None))
+    if invalid and not a.skip_invalid:
+        raise_invalid(sorted(invalid, key=lambda b: b.line), total)
     llm = LLM(a.model, **_engine_kwargs(a))
     eng = llm.engine
-    tok = eng.tokenizer
     by_id = {}
-    for spec in specs:
-        if spec.messages is not None:
-            ids = _chat_ids(tok, spec.messages, spec.line)
-        elif spec.prompt is not None:
-            ids = tok.encode(spec.prompt)
-        else:
-            ids = spec.prompt_token_ids
+    unserved = [(b, "invalid_request") for b in invalid]  # -> an error record each
+    for spec in ok:
         try:
-            spec.prompt_token_ids = eng.validate_prompt(spec.request_id, ids)
-        except SeesawError as e:
-            raise type(e)(f"line {spec.line}: {e}") from None
+            eng.validate_prompt(spec.request_id, spec.prompt_token_ids)
+        except CapacityError as e:  # valid, but the KV tiers can never hold it: that request only fails
+            unserved.append((InvalidLine(spec.line, str(e), spec.request_id, spec.openai is not None), "capacity"))
+            continue
         by_id[spec.request_id] = spec
+    specs = [s for s in ok if s.request_id in by_id]
     # Resume: rank 0 reads what the output already holds and every rank skips those requests
     # (the same list everywhere, so DP replicas split the rest alike). Without --resume the
     # output starts empty.
@@ -188,8 +211,20 @@ def cmd_generate(a) -> int:
     if problem:  # every rank stops with the same line
         raise SeesawError(problem)
     todo = [s for s in specs if request_key(s.request_id) not in done]
-    if a.resume and dist_rank() == 0:
-        print(f"resume: {len(specs) - len(todo)} of {len(specs)} requests already in {a.output}", file=sys.stderr)
+    if dist_rank() == 0:
+        if a.resume:
+            n_done = len(specs) - len(todo) + sum(line_key(b.line) in done for b, _ in unserved)
+            print(f"resume: {n_done} of {total} requests already in {a.output}", file=sys.stderr)
+        errors = AppendWriter(a.output, truncate=False)
+        try:  # one line per input line: the requests not served get an error record
+            for bad, code in sorted(unserved, key=lambda x: x[0].line):
+                if line_key(bad.line) not in done:
+                    errors.write(error_record(bad, code))
+        finally:
+            errors.close()
+        if unserved:
+            print(f"{len(unserved)} request(s) not served (error records in {a.output}): "
+                  f"{unserved[0][1]}: line {unserved[0][0].line}: {unserved[0][0].message}", file=sys.stderr)
     if not eng.is_leader:
         eng.worker_loop()
         return 0

@@ -83,6 +83,30 @@ class EngineStats:
         }
 
 
+def context_limit(args: ModelArgs, max_model_len: Optional[int]) -> int:
+    """Longest prompt + output the model allows (or the user's max_model_len, if smaller)."""
+    limit = args.max_position_embeddings
+    if args.sliding_window:
+        # Beyond the window the model attends differently; stay where we are exact.
+        limit = min(limit, args.sliding_window)
+    if max_model_len is not None and max_model_len > limit:
+        raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
+    return max_model_len or limit
+
+
+def check_prompt(request_id, prompt_token_ids: Seq[int], vocab_size: int, context_len: int) -> List[int]:
+    """The checks that need only the model's config: non-empty, ids in the vocabulary, fits the context."""
+    ids = list(prompt_token_ids)
+    if not ids:
+        raise InputError(f"request {request_id!r}: empty prompt")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+        raise InputError(f"request {request_id!r}: prompt token ids must be integers in [0, {vocab_size})")
+    if len(ids) >= context_len:
+        raise InputError(f"request {request_id!r}: prompt of {len(ids)} tokens does not fit the model's "
+                         f"context of {context_len} tokens (one token must be left to generate)")
+    return ids
+
+
 def check_layouts(config: EngineConfig, args: ModelArgs) -> str:
     """Reject layouts the model or the launch cannot run, before any collective (so every
     rank fails alike, at once, with the same line). Returns the TP all-reduce backend."""
@@ -126,13 +150,7 @@ class LLMEngine:
         self.eos_token_ids = set(args.eos_token_ids)
         if not self.eos_token_ids and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = {self.tokenizer.eos_token_id}
-        limit = args.max_position_embeddings
-        if args.sliding_window:
-            # Beyond the window the model attends differently; stay where we are exact.
-            limit = min(limit, args.sliding_window)
-        if config.max_model_len is not None and config.max_model_len > limit:
-            raise ConfigError(f"max_model_len {config.max_model_len} exceeds the model's context of {limit} tokens")
-        max_len = config.max_model_len or limit
+        max_len = self.context_len = context_limit(args, config.max_model_len)
         mc.init_distributed(timeout_s=config.collective_timeout_s)
         layouts = {"prefill": config.prefill_layout, "decode": config.decode_layout}
         self.runner = ModelRunner(config, args, self.dtype, max_len, layouts, allreduce)
@@ -190,14 +208,11 @@ class LLMEngine:
         """Raise the one-line error add_request would raise, without adding anything."""
         if request_id in self.requests:
             raise InputError(f"duplicate request id {request_id!r}")
-        ids = list(prompt_token_ids)
-        if not ids:
-            raise InputError(f"request {request_id!r}: empty prompt")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.args.vocab_size for t in ids):
-            raise InputError(f"request {request_id!r}: prompt token ids must be integers in [0, {self.args.vocab_size})")
+        ids = check_prompt(request_id, prompt_token_ids, self.args.vocab_size, self.context_len)
         if len(ids) >= self.max_model_len:
-            raise CapacityError(f"request {request_id!r}: prompt of {len(ids)} tokens does not fit the model's "
-                                f"context of {self.max_model_len} tokens (one token must be left to generate)")
+            raise CapacityError(f"request {request_id!r}: prompt of {len(ids)} tokens can never fit the KV cache "
+                                f"({self.max_model_len} tokens); raise num_host_blocks / host_memory_bytes or the "
+                                f"device KV budget")
         return ids
 
     def has_unfinished_requests(self) -> bool:

@@ -129,26 +129,74 @@ def parse_line(lineno: int, raw: bytes, defaults: SamplingParams) -> RequestSpec
     return spec
 
 
-def read_requests(path: str, defaults: SamplingParams) -> List[RequestSpec]:
-    """Parse a whole JSONL file; the first bad line raises InputError naming it."""
+@dataclass
+class InvalidLine:
+    line: int
+    message: str
+    request_id: Any = None
+    openai: bool = False
+
+
+def _peek_id(raw: bytes):
+    """The id an invalid line meant to have, if it can be read (for its error record)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None, False
+    if not isinstance(obj, dict):
+        return None, False
+    if "custom_id" in obj or "body" in obj:
+        return obj.get("custom_id"), True
+    rid = obj.get("id")
+    return (rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None), False
+
+
+def read_requests(path: str, defaults: SamplingParams, skip_invalid: bool = False):
+    """Parse a whole JSONL file -> (valid specs, invalid lines). Without skip_invalid any
+    invalid line raises one InputError listing the first few, with line numbers."""
     try:
         with open(path, "rb") as f:
             raw_lines = f.read().split(b"\n")
     except OSError as e:
         raise InputError(f"cannot read input file {path!r}: {e.strerror}") from None
     specs: List[RequestSpec] = []
+    invalid: List[InvalidLine] = []
     seen: Dict[Any, int] = {}
     for i, raw in enumerate(raw_lines, start=1):
         if not raw.strip():
             continue  # blank lines (a trailing newline) carry no request
-        spec = parse_line(i, raw, defaults)
-        if spec.request_id in seen:
-            _fail(i, f"duplicate id {spec.request_id!r} (first on line {seen[spec.request_id]})")
+        try:
+            spec = parse_line(i, raw, defaults)
+            if spec.request_id in seen:
+                _fail(i, f"duplicate id {spec.request_id!r} (first on line {seen[spec.request_id]})")
+        except InputError as e:
+            rid, openai = _peek_id(raw)
+            invalid.append(InvalidLine(i, str(e).split(": ", 1)[1], rid, openai))
+            continue
         seen[spec.request_id] = i
         specs.append(spec)
-    if not specs:
+    if invalid and not skip_invalid:
+        raise_invalid(invalid, len(specs) + len(invalid))
+    if not specs and not invalid:
         raise InputError(f"input file {path!r} has no requests")
-    return specs
+    return specs, invalid
+
+
+def raise_invalid(invalid: List[InvalidLine], total: int, shown: int = 3):
+    first = "; ".join(f"line {b.line}: {b.message}" for b in invalid[:shown])
+    more = f" (and {len(invalid) - shown} more)" if len(invalid) > shown else ""
+    if len(invalid) == 1:
+        raise InputError(f"line {invalid[0].line}: {invalid[0].message}; fix it or pass --skip-invalid")
+    raise InputError(f"{len(invalid)} of {total} input lines are invalid: {first}{more}; fix them or pass "
+                     f"--skip-invalid to serve the valid ones and write an error record for each invalid one")
+
+
+def error_record(bad: InvalidLine, code: str = "invalid_request") -> dict:
+    """The output line of a request that was not served: plain or OpenAI batch format."""
+    err = {"code": code, "message": f"line {bad.line}: {bad.message}", "line": bad.line}
+    if bad.openai:
+        return {"id": f"batch_req_{bad.line}", "custom_id": bad.request_id, "response": None, "error": err}
+    return {"id": bad.request_id if bad.request_id is not None else bad.line, "error": err}
 
 
 def output_record(spec: RequestSpec, out, model_name: str) -> dict:
