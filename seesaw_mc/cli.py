@@ -261,7 +261,7 @@ def cmd_generate(a) -> int:
         with open(a.metrics_json, "w") as f:
             swap = eng.runner.swap_summary()
             json.dump({"engine": eng.stats.as_dict(), "transitions": eng.transitions, "swap": swap,
-                       "timeline": eng.stats.timeline}, f, indent=2)
+                       "timeline": list(eng.stats.timeline)}, f, indent=2)
     el = time.perf_counter() - t1
     print(f"Throughput: {counts['requests'] / el:.2f} requests/s, {(counts['prompt'] + counts['completion']) / el:.2f} "
           f"total tokens/s, {counts['completion'] / el:.2f} output tokens/s "

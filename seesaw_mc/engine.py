@@ -6,8 +6,9 @@ import logging
 import os
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence as Seq
+from typing import Any, Deque, Dict, List, Optional, Sequence as Seq
 
 import torch
 
@@ -23,6 +24,7 @@ from seesaw_mc.sequence import Sequence
 from seesaw_mc.step_plan import PlanBuilder, SequenceMirror, StepPlan
 
 log = logging.getLogger("seesaw_mc")
+TIMELINE_STEPS = 100_000
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -71,8 +73,9 @@ class EngineStats:
     decode_time: float = 0.0
     steps: Dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     preemptions: int = 0
-    timeline: List[tuple] = field(default_factory=list)
-    """Per step: (start, seconds, phase, batch size, device tier use, host tier use)."""
+    timeline: Deque[tuple] = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))
+    """Per step: (start, seconds, phase, batch size, device tier use, host tier use); the
+    newest TIMELINE_STEPS steps, so that a long job's memory stays flat."""
 
     def as_dict(self) -> dict:
         return {
@@ -163,7 +166,10 @@ class LLMEngine:
                 raise CapacityError(
                     f"max_model_len {max_len} does not fit the KV cache ({capacity} tokens in blocks of {bs}); "
                     f"raise the cache size or lower max_model_len")
-            log.info("max_model_len capped to the KV cache capacity: %d tokens", capacity)
+            if int(os.environ.get("RANK", "0")) == 0:
+                log.warning("the KV cache holds %d tokens per sequence, less than the model's context of %d: "
+                            "max_model_len is capped to %d (longer requests stop with finish_reason 'length'; "
+                            "raise the KV tiers to lift it)", capacity, max_len, capacity)
             max_len = capacity
         self.max_model_len = max_len
         self.is_leader = self.runner.is_leader
