@@ -8,6 +8,8 @@
 #   MASTER_PORT   its port (default 29500)
 #   NNODES        number of nodes;  NPROC: ranks per node (default: GPUs, or 1 on CPU)
 #   RDZV_ID       job id shared by the nodes (default: a hash of MASTER_ADDR:MASTER_PORT)
+#   NODE_RANK     optional; 0 marks the node that hosts the rendezvous (when hostnames do not resolve)
+#   LOCAL_ADDR    optional; this node's address as the others reach it (when its hostname does not resolve)
 #   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME   the interface to use between nodes (e.g. eth1), when the
 #                 default route is not the one the nodes share
 # Seesaw switching needs each DP replica's ranks on one node (the host KV tier is node-local
@@ -28,6 +30,13 @@ if [[ -z "$rdzv_id" ]]; then
     rdzv_id=seesaw-$(echo "$MASTER_ADDR:$port" | cksum | cut -d" " -f1)
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
+# The node that hosts the rendezvous store is found by matching MASTER_ADDR to its hostname;
+# where names do not resolve (containers, network namespaces) set NODE_RANK=0 on that node.
+conf=()
+if [[ -n "${LOCAL_ADDR:-}" ]]; then conf+=(--local-addr "$LOCAL_ADDR"); fi
+if [[ -n "${NODE_RANK:-}" ]]; then
+    if [[ "$NODE_RANK" == 0 ]]; then conf+=(--rdzv-conf is_host=1); else conf+=(--rdzv-conf is_host=0); fi
+fi
 exec "$py" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$nproc" \
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$port" --rdzv-id "$rdzv_id" \
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$port" --rdzv-id "$rdzv_id" "${conf[@]}" \
     -m seesaw_mc generate "$@"

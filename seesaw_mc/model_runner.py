@@ -54,7 +54,7 @@ class ModelRunner:
         self.device = mc.default_device()
         self.block_size = config.cache.block_size
         self.rank = dist.get_rank()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        self.local_rank = mc.local_rank(self.rank)
         p2p_cfg = mc.transformer_config(args, dtype)
         distinct = {str(lay): lay for lay in layouts.values()}
         groups = mc.build_layout_groups(distinct, args.num_layers, p2p_cfg)

@@ -31,7 +31,9 @@ def device_kv_budget(cache_cfg, device: torch.device) -> int:
     """Bytes the device KV tier may use (see CacheConfig for the rule)."""
     if cache_cfg.device_memory_bytes is not None:
         return int(cache_cfg.device_memory_bytes)
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1))
+    from seesaw_mc.parallel.megatron_adapter import local_world_size
+
+    local_ranks = max(1, local_world_size(1))
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free

@@ -30,13 +30,29 @@ with warnings.catch_warnings():
 HAS_CUDA = torch.cuda.is_available()
 
 
+def single_host() -> bool:
+    """SEESAW_SINGLE_HOST=1: the "nodes" share one kernel and /dev/shm (the network-namespace
+    test bed, benchmarks/testbed): treat the job as one node."""
+    return os.environ.get("SEESAW_SINGLE_HOST") == "1"
+
+
 def local_world_size(default: int) -> int:
     """Ranks on this node: torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE."""
+    if single_host():
+        return int(os.environ.get("WORLD_SIZE", default))
     return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or default)
+
+
+def local_rank(default: int = 0) -> int:
+    if single_host():
+        return int(os.environ.get("RANK", default))
+    return int(os.environ.get("LOCAL_RANK", default))
 
 
 def node_rank() -> int:
     """This node's index: torchrun sets GROUP_RANK, the deepspeed launcher CROSS_RANK."""
+    if single_host():
+        return 0
     return int(os.environ.get("GROUP_RANK") or os.environ.get("CROSS_RANK") or 0)
 
 
