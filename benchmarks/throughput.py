@@ -82,15 +82,9 @@ def run_seesaw(args, reqs) -> dict:
         "host_blocks": llm.engine.runner.num_host_blocks, "device_blocks": llm.engine.runner.num_blocks})
 
 
-def run_hf(args, reqs) -> dict:
-    """HF generate with padded static batches, batched in arrival order like vLLM's run_hf."""
+def _padded_generate(model, pad: int = 0):
+    """generate(batch) for an HF-style model: left-padded static batch, every request to its length."""
     import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
-    model.generation_config.eos_token_id = None  # ignore_eos: every request gets its full length
-    pad = 0
 
     def generate(batch):
         width = max(len(r.prompt_token_ids) for r in batch)
@@ -104,6 +98,10 @@ def run_hf(args, reqs) -> dict:
             model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
                            pad_token_id=pad, top_p=None, top_k=None, temperature=None)
 
+    return generate
+
+
+def _timed_batches(name, args, reqs, generate, extra) -> dict:
     generate(reqs[:2])  # warm-up
     t0 = time.perf_counter()
     i = 0
@@ -111,10 +109,43 @@ def run_hf(args, reqs) -> dict:
         batch = reqs[i:i + args.hf_max_batch_size]
         generate(batch)
         i += len(batch)
-    return result("hf", reqs, time.perf_counter() - t0, {"hf_max_batch_size": args.hf_max_batch_size})
+    return result(name, reqs, time.perf_counter() - t0, dict(extra, hf_max_batch_size=args.hf_max_batch_size))
 
 
-BACKENDS = {"seesaw": run_seesaw, "hf": run_hf}
+def _hf_model(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # ignore_eos: every request gets its full length
+    return model, dtype
+
+
+def run_hf(args, reqs) -> dict:
+    """HF generate with padded static batches, batched in arrival order like vLLM's run_hf."""
+    model, _ = _hf_model(args)
+    return _timed_batches("hf", args, reqs, _padded_generate(model), {})
+
+
+def run_ds_autotp(args, reqs) -> dict:
+    """DeepSpeed AutoTP (init_inference, tp_size = world, no kernel injection: CPU-capable)
+    driving HF generate; every rank runs the same batches, rank 0 reports."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from seesaw_mc.parallel import megatron_adapter as mc
+
+    mc.init_distributed()
+    model, dtype = _hf_model(args)
+    world = dist.get_world_size()
+    engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world}, dtype=dtype,
+                                      replace_with_kernel_inject=False)
+    return _timed_batches("ds-autotp", args, reqs, _padded_generate(engine.module), {"tp_size": world})
+
+
+BACKENDS = {"seesaw": run_seesaw, "hf": run_hf, "ds-autotp": run_ds_autotp}
+MULTI_RANK = {"seesaw", "ds-autotp"}  # the others run on rank 0 only
 
 
 def main(argv=None) -> int:
@@ -159,18 +190,18 @@ def main(argv=None) -> int:
     for name in args.backends.split(","):
         if name not in BACKENDS:
             p.error(f"unknown backend {name!r} ({', '.join(BACKENDS)})")
-        if name != "seesaw" and rank() != 0:
-            continue  # baselines run on one process
+        if name not in MULTI_RANK and rank() != 0:
+            continue  # single-process baselines
         results.append(BACKENDS[name](args, reqs))
     if rank() != 0:
         return 0
-    base = next((r for r in results if r["backend"] != "seesaw"), None)
     ours = next((r for r in results if r["backend"] == "seesaw"), None)
     summary = {"model": args.model, "dataset": args.dataset_name, "length_scale": args.length_scale,
                "num_prompts": args.num_prompts, "threads": args.threads, "results": results}
-    if base and ours:
-        summary["ratio_vs_" + base["backend"]] = ours["tokens_per_second"] / base["tokens_per_second"]
-        print(f"seesaw / {base['backend']}: {summary['ratio_vs_' + base['backend']]:.2f}x total tokens/s")
+    for base in (r for r in results if r["backend"] != "seesaw"):
+        if ours:
+            summary["ratio_vs_" + base["backend"]] = ours["tokens_per_second"] / base["tokens_per_second"]
+            print(f"seesaw / {base['backend']}: {summary['ratio_vs_' + base['backend']]:.2f}x total tokens/s")
     if ours:  # vLLM's top-level keys describe our engine's run
         summary.update({k: ours[k] for k in ("elapsed_time", "num_requests", "total_num_tokens",
                                              "requests_per_second", "tokens_per_second")})

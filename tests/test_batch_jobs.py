@@ -157,3 +157,22 @@ def test_resume_after_sigkill(tiny_models, tmp_path):
     assert p.returncode == 0, err[-3000:]
     assert f"resume: {len(got)} of 40 requests already in" in err
     assert lines_by_id(out) == want
+
+
+def test_throughput_benchmark_with_in_run_baselines(tiny_models, tmp_path):
+    """benchmarks/throughput.py runs our engine, DeepSpeed AutoTP and HF generate on the same
+    ranks and requests and writes vLLM's keys (a smoke test: speed is not asserted)."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        os.path.join(ROOT, "benchmarks", "throughput.py"), "--model", tiny_models["llama"],
+                        "--dataset-name", "fixed", "--input-len", "24", "--output-len", "6", "--num-prompts", "6",
+                        "--threads", "1", "--backends", "seesaw,ds-autotp,hf", "--layouts", "P2->T2",
+                        "--output-json", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [b["backend"] for b in res["results"]] == ["seesaw", "ds-autotp", "hf"]
+    for key in ("elapsed_time", "num_requests", "total_num_tokens", "requests_per_second", "tokens_per_second"):
+        assert key in res
+    assert res["num_requests"] == 6 and "ratio_vs_ds-autotp" in res and "ratio_vs_hf" in res
+    assert "Throughput:" in r.stdout
