@@ -23,7 +23,13 @@ from test_layouts import check, torchrun
     ("deepspeed-shm", False, 3, 3, (1, 3), "deepspeed-shm"),
 ])
 def test_choose_allreduce(requested, cuda, world, local, tps, expected):
-    assert choose_allreduce(requested, cuda, world, local, tps) == expected
+    assert choose_allreduce(requested, cuda, world, local, tps, cores=16) == expected
+
+
+def test_auto_avoids_the_spinning_shm_op_on_too_few_cores():
+    assert choose_allreduce("auto", False, 3, 3, (1, 3), cores=2) == "gloo"
+    assert choose_allreduce("auto", False, 2, 2, (1, 2), cores=2) == "deepspeed-shm"
+    assert choose_allreduce("deepspeed-shm", False, 3, 3, (1, 3), cores=2) == "deepspeed-shm"  # asked for
 
 
 @pytest.mark.parametrize("requested,cuda,world,local,tps,fragment", [
@@ -35,7 +41,7 @@ def test_choose_allreduce(requested, cuda, world, local, tps, expected):
 ])
 def test_choose_allreduce_rejects(requested, cuda, world, local, tps, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        choose_allreduce(requested, cuda, world, local, tps)
+        choose_allreduce(requested, cuda, world, local, tps, cores=16)
 
 
 def _segments():

@@ -31,12 +31,21 @@ log = logging.getLogger("seesaw_mc")
 CHOICES = ("auto", "gloo", "deepspeed-shm", "nccl")
 
 
-def choose_allreduce(requested: str, on_cuda: bool, world: int, local_world: int, tp_sizes) -> str:
-    """The TP all-reduce backend for this job (pure: same answer on every rank).
+def usable_cores() -> int:
+    # The machine's count, not this process's affinity: launchers that bind ranks to cores
+    # give each rank a different affinity, and every rank must choose alike.
+    return os.cpu_count() or 1
+
+
+def choose_allreduce(requested: str, on_cuda: bool, world: int, local_world: int, tp_sizes,
+                     cores: Optional[int] = None) -> str:
+    """The TP all-reduce backend for this job (pure given `cores`: same answer on every rank).
 
     auto: NCCL on CUDA; on CPU DeepSpeed's shared-memory all-reduce when a layout's TP group
     is the whole job on one host, gloo otherwise (across hosts, or TP groups smaller than the
-    job, which the shm op cannot serve)."""
+    job, which the shm op cannot serve), and gloo too when the host has fewer cores than ranks:
+    the shm op spin-waits, and spinning ranks starve the ones they wait for (3 ranks on 2
+    cores: 3.4x slower than gloo, measured)."""
     if requested not in CHOICES:
         raise ConfigError(f"--allreduce must be one of {', '.join(CHOICES)} (got {requested!r})")
     if on_cuda:
@@ -52,6 +61,8 @@ def choose_allreduce(requested: str, on_cuda: bool, world: int, local_world: int
         raise ConfigError(
             f"--allreduce deepspeed-shm reduces over all {world} ranks at once on one host, so it needs a layout "
             f"with tp == {world} and all ranks on one node ({local_world} here); use gloo or auto")
+    if requested == "auto" and fits and (cores if cores is not None else usable_cores()) < local_world:
+        return "gloo"
     return "deepspeed-shm" if fits else "gloo"
 
 
