@@ -173,16 +173,15 @@ def cmd_generate(a) -> int:
     for spec in specs:
         try:
             if spec.messages is not None:
-                ids = _chat_ids(tok, spec.messages, spec.line)
+                ids = _chat_ids(tok, spec.messages)
             elif spec.prompt is not None:
                 ids = tok.encode(spec.prompt)
             else:
                 ids = spec.prompt_token_ids
             spec.prompt_token_ids = check_prompt(spec.request_id, ids, args.vocab_size, context)
             ok.append(spec)
-        except SeesawError as e:
-            msg = str(e).split(": ", 1)[1] if str(e).startswith("line ") else str(e)
-            invalid.append(InvalidLine(spec.line, msg, spec.request_id, spec.openai is not None))
+        except SeesawError as e:  # messages are about the request; InvalidLine adds the line
+            invalid.append(InvalidLine(spec.line, str(e), spec.request_id, spec.openai is not None))
     if invalid and not a.skip_invalid:
         raise_invalid(sorted(invalid, key=lambda b: b.line), total)
     llm = LLM(a.model, **_engine_kwargs(a))
@@ -269,9 +268,9 @@ def cmd_generate(a) -> int:
     return 0
 
 
-def _chat_ids(tok, messages, line):
+def _chat_ids(tok, messages):
     if not getattr(tok, "chat_template", None):
-        raise SeesawError(f"line {line}: 'messages' given but the tokenizer has no chat template")
+        raise SeesawError("'messages' given but the tokenizer has no chat template")
     return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 

@@ -123,16 +123,14 @@ def check_layouts(config: EngineConfig, args: ModelArgs) -> str:
     if world != config.world_size:
         raise ConfigError(f"layouts {config.prefill_layout} -> {config.decode_layout} need {config.world_size} ranks "
                           f"but {world} were launched")
-    from seesaw_mc.parallel.megatron_adapter import local_world_size
+    from seesaw_mc.parallel.deepspeed_ops import choose_allreduce
+    from seesaw_mc.parallel.megatron_adapter import HAS_CUDA, local_world_size
 
     local = local_world_size(world)
     replica = config.prefill_layout.tp * config.prefill_layout.pp
     if config.prefill_layout != config.decode_layout and replica > local:
         raise ConfigError(f"switching layouts needs each DP replica ({replica} ranks) on one node "
                           f"({local} ranks per node here): KV moves through node-local shared memory")
-    from seesaw_mc.parallel.deepspeed_ops import choose_allreduce
-    from seesaw_mc.parallel.megatron_adapter import HAS_CUDA
-
     return choose_allreduce(config.allreduce, HAS_CUDA, world, local,
                             (config.prefill_layout.tp, config.decode_layout.tp))
 

@@ -40,7 +40,9 @@ class RequestSpec:
 
 
 def _fail(lineno: int, msg: str):
-    raise InputError(f"line {lineno}: {msg}")
+    err = InputError(f"line {lineno}: {msg}")
+    err.detail = msg  # the message without its line, for InvalidLine
+    raise err
 
 
 def _check_messages(lineno: int, messages) -> List[dict]:
@@ -171,7 +173,7 @@ def read_requests(path: str, defaults: SamplingParams, skip_invalid: bool = Fals
                 _fail(i, f"duplicate id {spec.request_id!r} (first on line {seen[spec.request_id]})")
         except InputError as e:
             rid, openai = _peek_id(raw)
-            invalid.append(InvalidLine(i, str(e).split(": ", 1)[1], rid, openai))
+            invalid.append(InvalidLine(i, e.detail, rid, openai))
             continue
         seen[spec.request_id] = i
         specs.append(spec)
