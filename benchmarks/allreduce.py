@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from workloads import make_workload  # noqa: E402
+from seesaw_mc.workloads import make_workload  # noqa: E402
 
 BACKENDS = ("gloo", "deepspeed-shm")
 

@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from workloads import make_workload  # noqa: E402
+from seesaw_mc.workloads import make_workload  # noqa: E402
 
 
 def rank() -> int:
@@ -144,8 +144,34 @@ def run_ds_autotp(args, reqs) -> dict:
     return _timed_batches("ds-autotp", args, reqs, _padded_generate(engine.module), {"tp_size": world})
 
 
-BACKENDS = {"seesaw": run_seesaw, "hf": run_hf, "ds-autotp": run_ds_autotp}
-MULTI_RANK = {"seesaw", "ds-autotp"}  # the others run on rank 0 only
+def run_mcore_static(args, reqs) -> dict:
+    """megatron-core's StaticInferenceEngine (benchmarks/mcore_static.py) at --mcore-layout on
+    the same ranks, from a torch_dist conversion of the same model; rank 0 reports."""
+    import torch.distributed as dist
+
+    import mcore_static
+    from seesaw_mc.config import Layout
+    from seesaw_mc.parallel import megatron_adapter as mc
+
+    mc.init_distributed()
+    world = dist.get_world_size()
+    lay = Layout.parse(args.mcore_layout or f"tp{world}")
+    if lay.tp * lay.pp != world:
+        raise SystemExit(f"--mcore-layout {lay} needs {lay.tp * lay.pp} ranks, {world} launched")
+    ckpt = mcore_static.ensure_checkpoint(
+        args.model, args.mcore_checkpoint or os.path.join(os.path.dirname(HERE), ".cache", "mcore",
+                                                          os.path.basename(os.path.normpath(args.model))))
+    max_len = max(len(r.prompt_token_ids) + r.output_len for r in reqs)
+    engine, _ = mcore_static.build(ckpt, lay.tp, lay.pp, args.hf_max_batch_size, max_len)
+
+    def generate(batch):
+        mcore_static.generate(engine, [r.prompt_token_ids for r in batch], [r.output_len for r in batch])
+
+    return _timed_batches(f"mcore-static-{lay}", args, reqs, generate, {"layout": str(lay)})
+
+
+BACKENDS = {"seesaw": run_seesaw, "hf": run_hf, "ds-autotp": run_ds_autotp, "mcore-static": run_mcore_static}
+MULTI_RANK = {"seesaw", "ds-autotp", "mcore-static"}  # the others run on rank 0 only
 
 
 def main(argv=None) -> int:
@@ -169,6 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-host-blocks", type=int, default=None, help="seesaw backend: host tier size (blocks)")
     p.add_argument("--allreduce", default="auto", help="seesaw backend: auto | gloo | deepspeed-shm | nccl")
     p.add_argument("--num-device-blocks", type=int, default=None, help="seesaw backend: device tier size (blocks)")
+    p.add_argument("--mcore-layout", default=None, help="mcore-static backend: tp2, pp2... (default tp<world>)")
+    p.add_argument("--mcore-checkpoint", default=None,
+                   help="mcore-static backend: torch_dist folder (default: converted once into .cache/mcore/)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")

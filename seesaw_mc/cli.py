@@ -42,7 +42,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
     g.add_argument("--prefill-layout", default=None, help="tp2 | pp4 | tp2pp2 | dp2tp2pp1 (default tp1pp1)")
     g.add_argument("--decode-layout", default=None, help="layout for decode (default: the prefill layout)")
-    g.add_argument("--layouts", default=None, help="paper notation: P4->T4, D2P4->D2T4, or one static layout")
+    g.add_argument("--layouts", default=None, help="paper notation: P4->T4, D2P4->D2T4, one static layout, or "
+                   "auto (generate: the planner's best for this input and the launched ranks)")
     g.add_argument("--decode-watermark", type=float, default=0.25)
     g.add_argument("--allreduce", default="auto",
                    help="auto | gloo | deepspeed-shm | nccl: tensor-parallel all-reduce (auto: nccl on CUDA, DeepSpeed shm on one CPU host when a TP "
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-tqdm", action="store_true", help="no progress bar")
     g.add_argument("--metrics-json", default=None, help="write phase times and every layout transition here")
     g.add_argument("--timeline", default=None, help="draw phases, transitions and KV tier use to this PNG")
+    g.add_argument("--plan-hardware", default="measured", help="--layouts auto: hardware the planner assumes "
+                   "(measured: this machine now, or a preset such as A10)")
+    _add_plan_hw_args(g)
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     d = sub.add_parser("make-demo", help="prepare the bundled SmolLM2-135M-Instruct and run the demo prompts")
     d.add_argument("--model-dir", default=".cache/models/SmolLM2-135M-Instruct")
@@ -110,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=64)
     d.add_argument("--layouts", default=None, help="e.g. P3->T3 (SmolLM2's 9 heads allow tp1 or tp3)")
     d.add_argument("--nproc-per-node", type=int, default=None, help="ranks to launch (torch elastic)")
+    pl = sub.add_parser("plan", help="rank every layout and Seesaw pair by predicted throughput (cost model)")
+    pl.add_argument("--model", required=True, help="HF config.json, a model folder, or a preset: "
+                    "LLaMA3-15B, LLaMA2-13B, CodeLLaMA-34B, LLaMA2-70B")
+    pl.add_argument("--hardware", default="measured",
+                    help="A10 | L4 | A100-PCIe | A100-SXM | H100-PCIe | H100-SXM | measured (this machine, now)")
+    pl.add_argument("--gpus", type=int, required=True, help="devices (ranks) in the job")
+    pl.add_argument("--workload", default="sharegpt-like", help="arxiv-like | sharegpt-like | a JSONL input file")
+    pl.add_argument("--num-prompts", type=int, default=500, help="synthetic workloads: requests")
+    pl.add_argument("--length-scale", type=float, default=1.0, help="synthetic workloads: multiply every length")
+    pl.add_argument("--dtype-bytes", type=int, default=None, help="bytes per weight (default: 2 for presets, "
+                    "the config's dtype otherwise)")
+    _add_plan_hw_args(pl)
+    pl.add_argument("--max-num-seqs", type=int, default=256)
+    pl.add_argument("--static-only", action="store_true", help="rank static layouts only")
+    pl.add_argument("--top", type=int, default=10)
+    pl.add_argument("--json", default=None, help="also write the whole ranking here")
     c = sub.add_parser("convert", help="Megatron checkpoint (legacy or torch_dist, any TP/PP) <-> HF folder")
     c.add_argument("--input", required=True, help="Megatron checkpoint folder, or an HF model folder")
     c.add_argument("--output", required=True, help="new folder: HF model (from Megatron) or torch_dist (from HF)")
@@ -117,6 +137,81 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tp", type=int, default=None, help="expected TP of the Megatron input (checked)")
     c.add_argument("--pp", type=int, default=None, help="expected PP of the Megatron input (checked)")
     return parser
+
+
+def _add_plan_hw_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan-threads", type=int, default=None,
+                   help="measured hardware: threads per rank (default OMP_NUM_THREADS or 1)")
+    p.add_argument("--link-mbit", type=float, default=None,
+                   help="measured hardware: link rate between ranks in Mbit/s (default: loopback gloo)")
+    p.add_argument("--link-latency-us", type=float, default=None,
+                   help="measured hardware: seconds per collective hop, in microseconds")
+
+
+def _plan_hardware(a, spec: str, world: int, shm_link: bool = False):
+    from seesaw_mc.planner import SHM_LINK, resolve_hardware
+
+    threads = a.plan_threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
+    bw, lat = SHM_LINK if shm_link else (None, None)
+    if a.link_mbit:
+        bw = a.link_mbit * 1e6 / 8
+    if a.link_latency_us is not None:
+        lat = a.link_latency_us * 1e-6
+    return resolve_hardware(spec, world, threads=threads, link_bw=bw, link_latency=lat)
+
+
+def _auto_layouts(a, specs) -> str:
+    """--layouts auto: rank 0 plans for this input on the launched ranks; every rank gets its answer."""
+    from seesaw_mc import planner
+    from seesaw_mc.parallel import megatron_adapter as mc
+    from seesaw_mc.parallel.deepspeed_ops import choose_allreduce
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return "tp1"
+    mc.init_distributed(timeout_s=a.collective_timeout)
+    choice, problem = None, None
+    if dist_rank() == 0:
+        try:
+            if not specs:
+                raise SeesawError("--layouts auto: no valid request to plan for")
+            wl = planner.Workload(os.path.basename(a.input), tuple(
+                (len(s.prompt_token_ids), s.params.max_tokens or a.max_tokens) for s in specs))
+            local = mc.local_world_size(world)
+            shm = choose_allreduce(a.allreduce, mc.HAS_CUDA, world, local, (world,)) == "deepspeed-shm"
+            hw = _plan_hardware(a, a.plan_hardware, world, shm_link=shm)
+            pre, dec, ests = planner.auto_layouts(a.model, world, wl, hw, max_num_seqs=a.max_num_seqs)
+            if pre != dec and pre.tp * pre.pp > local:  # a pair needs each replica on one node
+                ests = [e for e in ests if e.fits and e.prefill == e.decode]
+                pre, dec = ests[0].prefill, ests[0].decode
+            best = ests[0]
+            nxt = ", ".join(f"{e.label} {e.tokens_per_s / best.tokens_per_s:.2f}x" for e in ests[1:3] if e.fits)
+            print(f"layouts auto: {best.label} on {world} x {hw.name} for {wl.n} requests (mean input "
+                  f"{wl.mean_in:.0f}, output {wl.mean_out:.0f}); next: {nxt}", file=sys.stderr)
+            choice = f"{pre}->{dec}"
+        except SeesawError as e:
+            problem = str(e)
+    choice, problem = broadcast_from_rank0((choice, problem))
+    if problem:
+        raise SeesawError(problem)
+    return choice
+
+
+def cmd_plan(a) -> int:
+    from seesaw_mc import planner
+
+    if a.gpus < 1:
+        raise SeesawError("--gpus must be >= 1")
+    model = planner.resolve_model(a.model, a.dtype_bytes)
+    wl = planner.resolve_workload(a.workload, a.num_prompts, a.length_scale)
+    hw = _plan_hardware(a, a.hardware, a.gpus)
+    ests = planner.plan(model, hw, a.gpus, wl, pairs=not a.static_only, max_num_seqs=a.max_num_seqs)
+    print(planner.format_plan(ests, model, hw, a.gpus, wl, top=a.top))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": model.name, "hardware": hw.__dict__, "gpus": a.gpus, "workload": wl.name,
+                       "ranking": [e.as_dict() for e in ests]}, f, indent=2)
+    return 0 if ests and ests[0].fits else 3
 
 
 def cmd_convert(a) -> int:
@@ -184,6 +279,10 @@ def cmd_generate(a) -> int:
             invalid.append(InvalidLine(spec.line, str(e), spec.request_id, spec.openai is not None))
     if invalid and not a.skip_invalid:
         raise_invalid(sorted(invalid, key=lambda b: b.line), total)
+    if (a.layouts or "").strip().lower() == "auto":
+        if a.prefill_layout or a.decode_layout:
+            raise SeesawError("give either --layouts or --prefill-layout/--decode-layout, not both")
+        a.layouts = _auto_layouts(a, ok)
     llm = LLM(a.model, **_engine_kwargs(a))
     eng = llm.engine
     by_id = {}
@@ -340,7 +439,8 @@ def main(argv=None) -> int:
             demo.prepare_model(a.model_dir)
         return relaunch(a.nproc_per_node, argv)
     try:
-        return {"generate": cmd_generate, "make-demo": cmd_make_demo, "convert": cmd_convert}[a.command](a)
+        return {"generate": cmd_generate, "make-demo": cmd_make_demo, "convert": cmd_convert,
+                "plan": cmd_plan}[a.command](a)
     except SeesawError as e:
         if debug:
             raise
