@@ -37,6 +37,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-device-blocks", type=int, default=None, help="exact KV block count (overrides memory)")
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     g.add_argument("--num-host-blocks", type=int, default=None, help="exact host-tier block count (Seesaw pairs)")
+    g.add_argument("--emulate-device-gib", type=float, default=None,
+                   help="CPU test beds: act as if each rank were a device of this many GiB (weights + KV); layouts "
+                        "whose weight shard does not fit are refused, like an out-of-memory GPU")
     g.add_argument("--host-memory-bytes", type=int, default=None, help="host KV tier per node (Seesaw pairs)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
@@ -75,6 +78,7 @@ def _engine_kwargs(a) -> dict:
                 dtype=a.dtype, seed=a.seed, max_model_len=a.max_model_len, block_size=a.block_size,
                 num_device_blocks=a.num_device_blocks, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
                 num_host_blocks=a.num_host_blocks, host_memory_bytes=a.host_memory_bytes,
+                device_capacity_bytes=int(a.emulate_device_gib * 2**30) if a.emulate_device_gib else None,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
 
 
@@ -126,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype-bytes", type=int, default=None, help="bytes per weight (default: 2 for presets, "
                     "the config's dtype otherwise)")
     _add_plan_hw_args(pl)
+    pl.add_argument("--emulate-device-gib", type=float, default=None,
+                    help="measured hardware: each rank's device memory in GiB (default: its share of RAM)")
     pl.add_argument("--max-num-seqs", type=int, default=256)
     pl.add_argument("--static-only", action="store_true", help="rank static layouts only")
     pl.add_argument("--top", type=int, default=10)
@@ -157,7 +163,9 @@ def _plan_hardware(a, spec: str, world: int, shm_link: bool = False):
         bw = a.link_mbit * 1e6 / 8
     if a.link_latency_us is not None:
         lat = a.link_latency_us * 1e-6
-    return resolve_hardware(spec, world, threads=threads, link_bw=bw, link_latency=lat)
+    cap = getattr(a, "emulate_device_gib", None)
+    return resolve_hardware(spec, world, threads=threads, link_bw=bw, link_latency=lat,
+                            mem_bytes=cap * 2**30 if cap else None)
 
 
 def _auto_layouts(a, specs) -> str:

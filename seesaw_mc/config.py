@@ -69,6 +69,11 @@ class CacheConfig:
     """CUDA: fraction of total GPU memory the process may use, weights included (vLLM's
     gpu_memory_utilization). CPU: the KV budget is min(1 GiB, fraction x available RAM / 4),
     split among the ranks of the node, because the CPU 'device' shares RAM with everything."""
+    device_capacity_bytes: Optional[int] = None
+    """Emulate a device of this many bytes per rank (CPU test beds standing in for GPUs): a
+    layout whose weight shard does not fit is refused at start-up, as it would run out of GPU
+    memory, and the KV budget is device_memory_fraction x capacity - the largest shard. None:
+    no such limit (a CPU rank can hold the whole model)."""
     num_host_blocks: Optional[int] = None
     """Exact number of host-tier blocks (whole-model KV, all layers and heads). Only used when
     the prefill and decode layouts differ."""
@@ -132,6 +137,7 @@ class EngineConfig:
         "kv_cache_memory_bytes": ("cache", "device_memory_bytes"),
         "gpu_memory_utilization": ("cache", "device_memory_fraction"),
         "num_host_blocks": ("cache", "num_host_blocks"),
+        "device_capacity_bytes": ("cache", "device_capacity_bytes"),
         "host_memory_bytes": ("cache", "host_memory_bytes"),
         "max_num_seqs": ("scheduler", "max_num_seqs"),
         "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
@@ -174,6 +180,8 @@ class EngineConfig:
             raise ConfigError(f"num_device_blocks must be a positive integer (got {c.num_device_blocks!r})")
         if c.device_memory_bytes is not None and c.device_memory_bytes <= 0:
             raise ConfigError(f"kv_cache_memory_bytes must be positive (got {c.device_memory_bytes!r})")
+        if c.device_capacity_bytes is not None and c.device_capacity_bytes <= 0:
+            raise ConfigError(f"device_capacity_bytes must be positive (got {c.device_capacity_bytes!r})")
         if c.num_host_blocks is not None and (not isinstance(c.num_host_blocks, int) or c.num_host_blocks < 1):
             raise ConfigError(f"num_host_blocks must be a positive integer (got {c.num_host_blocks!r})")
         if not 0.0 < c.host_memory_fraction <= 1.0:

@@ -119,6 +119,19 @@ def check_layouts(config: EngineConfig, args: ModelArgs) -> str:
                               f"heads and {args.num_kv_heads} KV heads")
         if lay.pp > args.num_layers:
             raise ConfigError(f"{role} layout {lay}: pp={lay.pp} exceeds the model's {args.num_layers} layers")
+    cap = config.cache.device_capacity_bytes
+    if cap is not None:
+        from seesaw_mc.planner import ModelShape
+
+        from seesaw_mc.parallel.megatron_adapter import HAS_CUDA as on_cuda
+
+        shape = ModelShape.from_model_args(args, resolve_dtype(config.dtype, args, on_cuda).itemsize)
+        for role, lay in (("prefill", config.prefill_layout), ("decode", config.decode_layout)):
+            need = shape.shard_bytes(lay)
+            if need > cap * config.cache.device_memory_fraction:
+                raise ConfigError(f"{role} layout {lay}: its weight shard ({need / 2**30:.2f} GiB per rank) does not "
+                                  f"fit the emulated device ({cap / 2**30:.2f} GiB x {config.cache.device_memory_fraction}"
+                                  f"); use more tensor or pipeline parallelism")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != config.world_size:
         raise ConfigError(f"layouts {config.prefill_layout} -> {config.decode_layout} need {config.world_size} ranks "

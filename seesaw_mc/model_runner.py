@@ -197,7 +197,10 @@ class ModelRunner:
         if c.num_device_blocks is not None:
             n = c.num_device_blocks
         else:
-            budget = device_kv_budget(c, self.device)
+            from seesaw_mc.planner import ModelShape
+
+            shape = ModelShape.from_model_args(self.args, self.dtype.itemsize)
+            budget = device_kv_budget(c, self.device, max(shape.shard_bytes(g.layout) for g in self.groups.values()))
             most = self.config.scheduler.max_num_seqs * (-(-max_model_len // self.block_size))
             n = min(min(budget // b for b in per_block.values()), most)
             if dist.get_world_size() > 1:

@@ -81,6 +81,18 @@ class ModelShape:
         return 2 * (self.layers if layers is None else layers) * heads * self.head_dim * self.dtype_bytes
 
     @classmethod
+    def from_model_args(cls, args, dtype_bytes: int) -> "ModelShape":
+        return cls(name="model", layers=args.num_layers, hidden=args.hidden_size, ffn=args.ffn_hidden_size,
+                   heads=args.num_heads, kv_heads=args.num_kv_heads, vocab=args.vocab_size, head_dim=args.head_dim,
+                   tied=args.tie_word_embeddings, dtype_bytes=dtype_bytes)
+
+    def shard_bytes(self, lay: Layout) -> float:
+        """Weights of the largest pipeline stage on one TP rank (embedding and LM head on their
+        stages; both on the one stage when pp == 1 and they are not tied)."""
+        ends = self.vocab * self.hidden * (1 if (self.tied or lay.pp > 1) else 2)
+        return (math.ceil(self.layers / lay.pp) * self.layer_params + ends) / lay.tp * self.dtype_bytes
+
+    @classmethod
     def from_hf_config(cls, cfg: dict, name: str = "model", dtype_bytes: Optional[int] = None) -> "ModelShape":
         try:
             heads = cfg["num_attention_heads"]
@@ -258,13 +270,11 @@ class CostModel:
         return math.ceil(self.m.layers / lay.pp)
 
     def stage_params(self, lay: Layout) -> float:
-        """Parameters of the largest stage on one TP rank (embedding and head on their stages)."""
-        m = self.m
-        ends = m.vocab * m.hidden * (1 if (m.tied or lay.pp > 1) else 2)
-        return (self.stage_layers(lay) * m.layer_params + ends) / lay.tp
+        """Parameters of the largest stage on one TP rank."""
+        return self.m.shard_bytes(lay) / self.m.dtype_bytes
 
     def weight_bytes(self, lay: Layout) -> float:
-        return self.stage_params(lay) * self.m.dtype_bytes
+        return self.m.shard_bytes(lay)
 
     def device_kv_tokens(self, lay: Layout) -> int:
         """Tokens of KV one replica's device tier holds (every device holds its share of each)."""

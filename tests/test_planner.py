@@ -210,3 +210,39 @@ def test_generate_layouts_auto(tiny_models, tmp_path):
                 "--layouts", "auto", "--plan-hardware", "A10", "--nproc-per-node", "2")
     assert r.returncode == 0 and "2 x A10" in r.stderr, r.stderr
     assert strip(out) == strip(ref)
+
+
+def test_emulated_device_refuses_shards_that_do_not_fit(tiny_models, tmp_path, monkeypatch):
+    """--emulate-device-gib: a CPU rank behaves like a device of that size (the paper's regime:
+    the model does not fit one GPU), for the engine and for the planner alike."""
+    import torch
+
+    from seesaw_mc.config import EngineConfig
+    from seesaw_mc.engine import check_layouts
+    from seesaw_mc.kv.paged_cache import device_kv_budget
+    from seesaw_mc.model.hf_import import load_model_args
+
+    model = tiny_models["llama"]
+    args = load_model_args(model)
+    shape = planner.ModelShape.from_model_args(args, 4)
+    whole, half = shape.shard_bytes(Layout()), shape.shard_bytes(Layout(tp=2))
+    assert half < whole and shape.shard_bytes(Layout(pp=5)) < whole
+    cap = int((whole + half) / 2 / 0.9)  # holds a TP2 shard, not the whole model
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"weight shard .* does not fit the emulated device"):
+        check_layouts(EngineConfig.from_kwargs(model, prefill_layout=Layout(dp=2), decode_layout=Layout(dp=2),
+                                   device_capacity_bytes=cap), args)
+    cfg = EngineConfig.from_kwargs(model, prefill_layout=Layout(pp=2), decode_layout=Layout(tp=2),
+                                   device_capacity_bytes=cap)
+    check_layouts(cfg, args)  # fits
+    assert device_kv_budget(cfg.cache, torch.device("cpu"), half) == int(cap * 0.9 - half)
+    # the planner sees the same device: D2 does not fit, the model-parallel layouts do
+    wl = planner.Workload("w", ((20, 5),) * 4)
+    hw = planner.measure_machine(ranks=2, mem_bytes=cap)
+    ests = {e.label: e for e in planner.plan(planner.resolve_model(model), hw, 2, wl)}
+    assert not ests["D2"].fits and ests["T2"].fits and ests["P2->T2"].fits
+    monkeypatch.delenv("WORLD_SIZE")
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt_token_ids": [5, 6, 7], "max_tokens": 2}])
+    r = run_cli("generate", "--model", model, "--input", inp, "--output", str(tmp_path / "o.jsonl"),
+                "--emulate-device-gib", str(cap / 2**30))
+    assert_one_error_line(r, 2, "layout tp1pp1: its weight shard", "does not fit the emulated device")

@@ -27,10 +27,13 @@ def available_host_bytes() -> int:
     return 8 * _GiB
 
 
-def device_kv_budget(cache_cfg, device: torch.device) -> int:
-    """Bytes the device KV tier may use (see CacheConfig for the rule)."""
+def device_kv_budget(cache_cfg, device: torch.device, shard_bytes: float = 0.0) -> int:
+    """Bytes the device KV tier may use (see CacheConfig for the rule); `shard_bytes`: the
+    largest weight shard a rank holds, counted against an emulated device capacity."""
     if cache_cfg.device_memory_bytes is not None:
         return int(cache_cfg.device_memory_bytes)
+    if cache_cfg.device_capacity_bytes is not None:
+        return max(0, int(cache_cfg.device_capacity_bytes * cache_cfg.device_memory_fraction - shard_bytes))
     from seesaw_mc.parallel.megatron_adapter import local_world_size
 
     local_ranks = max(1, local_world_size(1))
