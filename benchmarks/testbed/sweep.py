@@ -243,7 +243,9 @@ def plot(path: str, rows, layouts, title: str) -> None:
                        for r in rows])
     ax.set_xlabel("link rate between the 2 hosts (Mbit/s)")
     ax.set_ylabel("total tokens/s")
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    ax.set_title(textwrap.fill(title, 95), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
