@@ -163,7 +163,7 @@ def _plan_hardware(a, spec: str, world: int, shm_link: bool = False):
         bw = a.link_mbit * 1e6 / 8
     if a.link_latency_us is not None:
         lat = a.link_latency_us * 1e-6
-    cap = getattr(a, "emulate_device_gib", None)
+    cap = a.emulate_device_gib
     return resolve_hardware(spec, world, threads=threads, link_bw=bw, link_latency=lat,
                             mem_bytes=cap * 2**30 if cap else None)
 

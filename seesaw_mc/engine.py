@@ -119,13 +119,13 @@ def check_layouts(config: EngineConfig, args: ModelArgs) -> str:
                               f"heads and {args.num_kv_heads} KV heads")
         if lay.pp > args.num_layers:
             raise ConfigError(f"{role} layout {lay}: pp={lay.pp} exceeds the model's {args.num_layers} layers")
+    from seesaw_mc.parallel.deepspeed_ops import choose_allreduce
+    from seesaw_mc.parallel.megatron_adapter import HAS_CUDA, local_world_size
+    from seesaw_mc.planner import ModelShape
+
     cap = config.cache.device_capacity_bytes
     if cap is not None:
-        from seesaw_mc.planner import ModelShape
-
-        from seesaw_mc.parallel.megatron_adapter import HAS_CUDA as on_cuda
-
-        shape = ModelShape.from_model_args(args, resolve_dtype(config.dtype, args, on_cuda).itemsize)
+        shape = ModelShape.from_model_args(args, resolve_dtype(config.dtype, args, HAS_CUDA).itemsize)
         for role, lay in (("prefill", config.prefill_layout), ("decode", config.decode_layout)):
             need = shape.shard_bytes(lay)
             if need > cap * config.cache.device_memory_fraction:
@@ -136,9 +136,6 @@ def check_layouts(config: EngineConfig, args: ModelArgs) -> str:
     if world != config.world_size:
         raise ConfigError(f"layouts {config.prefill_layout} -> {config.decode_layout} need {config.world_size} ranks "
                           f"but {world} were launched")
-    from seesaw_mc.parallel.deepspeed_ops import choose_allreduce
-    from seesaw_mc.parallel.megatron_adapter import HAS_CUDA, local_world_size
-
     local = local_world_size(world)
     replica = config.prefill_layout.tp * config.prefill_layout.pp
     if config.prefill_layout != config.decode_layout and replica > local:

@@ -24,22 +24,9 @@ from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.parallel.procs import fault_point
 from seesaw_mc.reshard import MasterWeights, fc1_interleave_factor, interleave_fc1, shm_dir
 from seesaw_mc.sampling import Sampler
+from seesaw_mc.step_plan import num_microbatches
 
 log = logging.getLogger("seesaw_mc")
-
-PREFILL_MICROBATCH_TOKENS = 256
-"""Smallest prefill micro-batch worth a pipeline slot: below it matmuls lose efficiency faster
-than the pipeline bubble shrinks."""
-
-
-def num_microbatches(seqs: list, pp: int, is_prefill: bool) -> int:
-    """Decode: pp micro-batches (1/pp of the batch each). Prefill: up to 4 x pp, so the fill and
-    drain of the pipeline, (pp - 1) slots per step, cost (pp - 1) / (m + pp - 1) of the step
-    instead of (pp - 1) / (2 pp - 1): pp2 prefill 67% -> 89% busy."""
-    if pp == 1 or not is_prefill:
-        return pp
-    return max(pp, min(4 * pp, sum(len(s) for s in seqs) // PREFILL_MICROBATCH_TOKENS))
-
 
 def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
     """Contiguous micro-batches, balanced by tokens (prefill) or count (decode)."""
@@ -434,7 +421,7 @@ class ModelRunner:
 
     def _run_microbatches(self, is_prefill, seqs, g, model, results) -> None:
         try:
-            n = num_microbatches(seqs, g.layout.pp, is_prefill)
+            n = num_microbatches(g.layout.pp, is_prefill, sum(len(s) for s in seqs))
             for mb in split_microbatches(seqs, n, by_tokens=is_prefill):
                 input_ids, meta = self._prepare(is_prefill, mb)
                 set_attn_metadata(meta)

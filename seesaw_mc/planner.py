@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from seesaw_mc.config import Layout
 from seesaw_mc.errors import ConfigError
+from seesaw_mc.step_plan import num_microbatches
 
 GiB = 2 ** 30
 GLOO_LINK = (0.9e9, 3e-4)
@@ -187,22 +188,18 @@ class Workload:
 
     @classmethod
     def from_jsonl(cls, path: str, default_max_tokens: int = 256) -> "Workload":
-        """Requests with prompt_token_ids (exact) or prompt text (about 4 characters per token)."""
+        """A batch-job input (every format `seesaw-mc generate` reads; invalid lines left out):
+        prompt_token_ids count exactly, text about 4 characters per token (no tokenizer here)."""
+        from seesaw_mc.inputs import read_requests
+        from seesaw_mc.sampling_params import SamplingParams
+
+        specs, _ = read_requests(path, SamplingParams(max_tokens=default_max_tokens), skip_invalid=True)
         pairs = []
-        with open(path, "rb") as f:
-            for raw in f:
-                try:
-                    r = json.loads(raw)
-                except ValueError:
-                    continue
-                if not isinstance(r, dict):
-                    continue
-                ids = r.get("prompt_token_ids")
-                text = r.get("prompt") or "".join(str(m.get("content", "")) for m in r.get("messages", [])
-                                                  if isinstance(m, dict))
-                n_in = len(ids) if isinstance(ids, list) else max(1, len(str(text)) // 4)
-                out = r.get("max_tokens", default_max_tokens)
-                pairs.append((n_in, out if isinstance(out, int) and out > 0 else default_max_tokens))
+        for r in specs:
+            text = r.prompt if r.prompt is not None else \
+                "".join(str(m.get("content", "")) for m in (r.messages or []) if isinstance(m, dict))
+            n_in = len(r.prompt_token_ids) if r.prompt_token_ids is not None else max(1, len(text) // 4)
+            pairs.append((n_in, r.params.max_tokens or default_max_tokens))
         if not pairs:
             raise ConfigError(f"workload file {path!r} has no request lines")
         return cls(os.path.basename(path), tuple(pairs))
@@ -305,8 +302,8 @@ class CostModel:
         ar = self.stage_layers(lay) * 2 * self.allreduce_s(act, lay.tp, calls=steps)
         send = self.p2p_s(act, calls=steps) if lay.pp > 1 else 0.0
         reads = steps * self.weight_bytes(lay) / hw.mem_bw
-        # the engine's pipeline fills and drains within each step (model_runner.num_microbatches)
-        micro = max(lay.pp, min(4 * lay.pp, min(self.chunk, tokens) // 256)) if lay.pp > 1 else 1
+        # the engine's pipeline fills and drains within each step
+        micro = num_microbatches(lay.pp, True, int(min(self.chunk, tokens)))
         return (compute + ar + send + reads) * (micro + lay.pp - 1) / micro
 
     def decode_batch(self, lay: Layout, wl: Workload, n_req: float) -> int:
@@ -413,25 +410,36 @@ def plan(model: ModelShape, hw: Hardware, world: int, wl: Workload, pairs: bool 
 
 
 # ---- "this machine", measured on the spot ---------------------------------------------------------
+def matmul_flops(threads: int = 1, n: int = 1024, reps: int = 4) -> float:
+    """fp32 matmul FLOP/s on `threads` threads: best of 3."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        best = math.inf
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(old)
+    return 2 * n ** 3 * reps / best
+
+
 def measure_machine(threads: int = 1, ranks: int = 1, link_bw: Optional[float] = None,
                     link_latency: Optional[float] = None, mem_bytes: Optional[float] = None) -> Hardware:
     """A CPU rank as a device: matmul FLOP/s and copy bandwidth measured here with `threads`
     threads; the link is loopback gloo (GLOO_LINK) unless given."""
     import torch
 
+    flops = matmul_flops(threads)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        n = 1024
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        best = math.inf
-        for _ in range(3):
-            t = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            best = min(best, time.perf_counter() - t)
-        flops = 2 * n ** 3 * 4 / best
         src = torch.empty(64 * 2 ** 20 // 4)
         dst = torch.empty_like(src)
         dst.copy_(src)
@@ -443,10 +451,9 @@ def measure_machine(threads: int = 1, ranks: int = 1, link_bw: Optional[float] =
         bw = 2 * src.numel() * 4 / best  # read + write
     finally:
         torch.set_num_threads(old)
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        avail = 8 * GiB
+    from seesaw_mc.kv.paged_cache import available_host_bytes
+
+    avail = available_host_bytes()
     return Hardware(name=f"this machine ({threads} thread{'s' if threads > 1 else ''}/rank)", flops=flops,
                     mem_bw=bw / max(1, ranks) ** 0.5, mem_bytes=mem_bytes or avail / max(1, ranks),
                     link_bw=link_bw or GLOO_LINK[0],

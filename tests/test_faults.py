@@ -1,7 +1,6 @@
 """A rank that dies (SIGKILL) or hangs (SIGSTOP) mid-prefill or mid-transition: the job stops
 within seconds with one line naming the rank and what to do, exit code 4, no process and no
 /dev/shm file left behind; --resume then finishes it."""
-import json
 import os
 import subprocess
 import sys

@@ -1,5 +1,6 @@
 """The layout planner: its cost model's inputs against outside references (transformers'
 parameter counts, the paper's layouts), its behaviour when a link gets slower, and the CLI."""
+import dataclasses
 import json
 import math
 
@@ -70,7 +71,7 @@ def test_a10_prefers_pipeline_prefill_and_tensor_decode_for_70b():
 def test_slower_link_slows_tensor_parallel_prefill_only():
     m, wl = MODELS["LLaMA3-15B"], planner.Workload.preset("arxiv-like", 50)
     fast = planner.CostModel(m, HW["A10"], 4)
-    slow = planner.CostModel(m, planner.replace(HW["A10"], link_bw=HW["A10"].link_bw / 10), 4)
+    slow = planner.CostModel(m, dataclasses.replace(HW["A10"], link_bw=HW["A10"].link_bw / 10), 4)
     t4, p4 = Layout(tp=4), Layout(pp=4)
     assert slow.prefill_s(t4, wl, wl.n) > 2 * fast.prefill_s(t4, wl, wl.n)
     assert slow.prefill_s(p4, wl, wl.n) < 1.05 * fast.prefill_s(p4, wl, wl.n)

@@ -19,6 +19,7 @@ top 3 are the measured top 3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -26,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -41,21 +41,6 @@ from seesaw_mc.workloads import make_workload  # noqa: E402
 A10 = planner.HARDWARE_PRESETS["A10"]
 PAPER_MODEL = planner.MODEL_PRESETS["LLaMA3-15B"]
 TESTBED_LATENCY_S = 2.5e-4  # one gloo hop over the veth pair and bridge (2-rank 4 KB all-reduce ~0.5 ms)
-
-
-def matmul_flops(threads: int = 1, n: int = 1024, reps: int = 8) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 * reps / best
 
 
 def ar_bytes_per_flop(m: planner.ModelShape) -> float:
@@ -119,7 +104,7 @@ def predicted(model_dir: str, reqs, layouts, rate_mbit, flops: float, loopback: 
     else:
         bw, lat = ((rate_mbit * 1e6 / 8) if rate_mbit else planner.GLOO_LINK[0]), TESTBED_LATENCY_S
     hw = planner.measure_machine(threads=1, ranks=2, link_bw=bw, link_latency=lat)
-    hw = planner.replace(hw, flops=flops)
+    hw = dataclasses.replace(hw, flops=flops)
     cm = planner.CostModel(planner.resolve_model(model_dir), hw, 2)
     out = {}
     for lay in layouts:
@@ -150,7 +135,7 @@ def main() -> int:
     if why:
         print(f"sweep: {why}", file=sys.stderr)
         return 2
-    flops = matmul_flops()
+    flops = planner.matmul_flops()
     rates = [round(auto_rate_mbit(a.model, flops), 1) if x.strip() == "auto" else float(x)
              for x in a.link_rate.split(",")]
     print(f"matmul {flops / 1e9:.0f} GFLOP/s on 1 thread; rates (Mbit/s, 0 = unlimited): {rates}", flush=True)

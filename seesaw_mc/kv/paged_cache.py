@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 from dataclasses import dataclass
 from typing import List, Tuple
 
