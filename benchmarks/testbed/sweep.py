@@ -96,15 +96,14 @@ def summarize(runs: list) -> dict:
     return {"min": min(tps), "median": statistics.median(tps), "max": max(tps), "runs": runs}
 
 
-def predicted(model_dir: str, reqs, layouts, rate_mbit, flops: float, loopback: bool) -> dict:
-    """Planner's tokens/s for each measured layout, on this machine with this link."""
+def predicted(model_dir: str, reqs, layouts, rate_mbit, machine: planner.Hardware, loopback: bool) -> dict:
+    """Planner's tokens/s for each measured layout, on this machine (measured once) with this link."""
     wl = planner.Workload("bench", tuple((len(r.prompt_token_ids), r.output_len) for r in reqs))
     if loopback:
         bw, lat = planner.SHM_LINK
     else:
         bw, lat = ((rate_mbit * 1e6 / 8) if rate_mbit else planner.GLOO_LINK[0]), TESTBED_LATENCY_S
-    hw = planner.measure_machine(threads=1, ranks=2, link_bw=bw, link_latency=lat)
-    hw = dataclasses.replace(hw, flops=flops)
+    hw = dataclasses.replace(machine, link_bw=bw, link_latency=lat)
     cm = planner.CostModel(planner.resolve_model(model_dir), hw, 2)
     out = {}
     for lay in layouts:
@@ -135,7 +134,8 @@ def main() -> int:
     if why:
         print(f"sweep: {why}", file=sys.stderr)
         return 2
-    flops = planner.matmul_flops()
+    machine = planner.measure_machine(threads=1, ranks=2)
+    flops = machine.flops
     rates = [round(auto_rate_mbit(a.model, flops), 1) if x.strip() == "auto" else float(x)
              for x in a.link_rate.split(",")]
     print(f"matmul {flops / 1e9:.0f} GFLOP/s on 1 thread; rates (Mbit/s, 0 = unlimited): {rates}", flush=True)
@@ -171,7 +171,7 @@ def main() -> int:
                           f"({r['transitions']} transitions)", flush=True)
             for lay in layouts:
                 row[lay] = summarize(row[lay])
-            row["predicted"] = predicted(a.model, reqs, layouts, rate, flops, loop)
+            row["predicted"] = predicted(a.model, reqs, layouts, rate, machine, loop)
             rows.append(row)
     finally:
         os.unlink(inp)
