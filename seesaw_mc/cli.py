@@ -394,6 +394,18 @@ def cmd_make_demo(a) -> int:
     return 0
 
 
+def _close_distributed() -> None:
+    """Tear the process groups down in order once every rank is done. Left to interpreter exit,
+    gloo's transport threads could outlive their owner: a rank that had finished its work died
+    with SIGABRT ("terminate called without an active exception") now and then."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def relaunch(nproc: int, argv) -> int:
     """Start `nproc` ranks of this same command through torch's elastic launcher."""
     import uuid
@@ -447,8 +459,11 @@ def main(argv=None) -> int:
             demo.prepare_model(a.model_dir)
         return relaunch(a.nproc_per_node, argv)
     try:
-        return {"generate": cmd_generate, "make-demo": cmd_make_demo, "convert": cmd_convert,
-                "plan": cmd_plan}[a.command](a)
+        rc = {"generate": cmd_generate, "make-demo": cmd_make_demo, "convert": cmd_convert,
+              "plan": cmd_plan}[a.command](a)
+        if rc == 0:
+            _close_distributed()
+        return rc
     except SeesawError as e:
         if debug:
             raise
