@@ -205,6 +205,21 @@ class LLMEngine:
     def transitions(self) -> List[dict]:
         return self.runner.transitions
 
+    def metrics(self, since: Optional[dict] = None) -> dict:
+        """The run's record so far: engine counters, layout transitions, KV copies between the
+        tiers, the step timeline, cache sizes. With `since` (an earlier record), counters and
+        transitions cover only what came after it. The one source for the CLI, the benchmarks
+        and the tests."""
+        rec = {"engine": self.stats.as_dict(), "transitions": list(self.transitions),
+               "swap": self.runner.swap_summary(since=since["swap"] if since else None),
+               "timeline": list(self.stats.timeline), "allreduce": self.runner.allreduce,
+               "device_blocks": self.runner.num_blocks, "host_blocks": self.runner.num_host_blocks}
+        if since:
+            rec["engine"] = {k: v - since["engine"][k] for k, v in rec["engine"].items()}
+            rec["transitions"] = rec["transitions"][len(since["transitions"]):]
+            rec["timeline"] = rec["timeline"][len(since["timeline"]):]
+        return rec
+
     # -- requests ---------------------------------------------------------------------
     def add_request(self, request_id, prompt_token_ids: Seq[int], params: SamplingParams,
                     prompt: Optional[str] = None) -> None:
