@@ -1,1 +1,0 @@
-"""KV cache: pure-Python block accounting (block_manager) and device tensors (paged_cache)."""
