@@ -89,17 +89,17 @@ def worker(a) -> None:
     for _ in range(a.repeats):
         # A prefill phase offloads its KV to the host tier; decode swaps it back in.
         t = time.perf_counter()
-        runner.swap_out(pairs)
+        runner.kv.swap_out(pairs)
         swaps["to_host"].append(time.perf_counter() - t)
         recs["prefill->decode"].append(runner.activate("decode"))
         t = time.perf_counter()
-        runner.swap_in(pairs)
+        runner.kv.swap_in(pairs)
         swaps["from_host"].append(time.perf_counter() - t)
         recs["decode->prefill"].append(runner.activate("prefill"))
     out = {"rank": dist.get_rank(), "directions": {}, "swaps": {}}
     for d, rs in recs.items():
         out["directions"][d] = {k: statistics.median([r[k] for r in rs])
-                                for k in ("groups_s", "weights_s", "barrier_s", "total_s", "weight_bytes_copied")}
+                                for k in ("weights_s", "kv_drain_s", "barrier_s", "total_s", "weight_bytes_copied")}
     for d, ts in swaps.items():
         views = runner.kv_views["prefill" if d == "to_host" else "decode"]
         nbytes = sum(2 * k[: a.blocks].numel() * k.element_size() for k, _ in views.layers)
@@ -119,7 +119,7 @@ def worker(a) -> None:
                            "ratio_to_memcpy": med / statistics.median(times)}
     out["rss_mb"] = mem_kb("VmRSS", "/proc/self/status") / 1024
     out["pss_mb"] = mem_kb("Pss", "/proc/self/smaps_rollup") / 1024
-    out["weights_mb"] = runner.master.nbytes / 2**20
+    out["weights_mb"] = runner.weights.master.nbytes / 2**20
     w = mapping_kb("-weights-")
     out["weights_rss_mb"], out["weights_pss_mb"] = w["Rss"] / 1024, w["Pss"] / 1024
     gathered = [None] * dist.get_world_size()
@@ -151,11 +151,11 @@ def drive(a) -> int:
             results[f"P{n}->T{n}"] = ranks
             print(f"\n== P{n}->T{n}: {n} ranks, weights {ranks[0]['weights_mb']:.0f} MB, "
                   f"KV {a.blocks} blocks of 16 tokens resident")
-            print(f"{'rank':>4} {'transition':>16} {'groups us':>10} {'weights ms':>11} {'barrier ms':>11} "
+            print(f"{'rank':>4} {'transition':>16} {'kv drain ms':>11} {'weights ms':>11} {'barrier ms':>11} "
                   f"{'weight MB copied':>17}")
             for rk in ranks:
                 for d, m in rk["directions"].items():
-                    print(f"{rk['rank']:>4} {d:>16} {m['groups_s'] * 1e6:>10.1f} {m['weights_s'] * 1e3:>11.2f} "
+                    print(f"{rk['rank']:>4} {d:>16} {m['kv_drain_s'] * 1e3:>11.2f} {m['weights_s'] * 1e3:>11.2f} "
                           f"{m['barrier_s'] * 1e3:>11.2f} {m['weight_bytes_copied'] / 2**20:>17.1f}")
             print(f"{'rank':>4} {'KV swap':>16} {'MB':>8} {'ms':>8} {'memcpy ms':>10} {'ratio':>6}")
             for rk in ranks:

@@ -60,7 +60,7 @@ def run_seesaw(args, reqs) -> dict:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     llm.engine.stats.__init__()
-    swap0 = llm.engine.runner.swap_summary()
+    swap0 = llm.engine.runner.kv.summary()
     n_trans = len(llm.engine.transitions)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=args.tqdm and rank() == 0)
@@ -78,7 +78,7 @@ def run_seesaw(args, reqs) -> dict:
         "engine": llm.engine.stats.as_dict(), "transitions": len(trans),
         "transition_time_s": sum(t["total_s"] for t in trans),
         "transition_share": sum(t["total_s"] for t in trans) / elapsed,
-        "swap": llm.engine.runner.swap_summary(since=swap0),
+        "swap": llm.engine.runner.kv.summary(since=swap0),
         "host_blocks": llm.engine.runner.num_host_blocks, "device_blocks": llm.engine.runner.num_blocks})
 
 

@@ -262,7 +262,7 @@ def cmd_generate(a) -> int:
 
     from seesaw_mc.api import LLM, lead, run_engine
     from seesaw_mc.batch_output import AppendWriter, line_key, request_key, scan_for_resume
-    from seesaw_mc.engine import check_prompt, context_limit, load_tokenizer
+    from seesaw_mc.preflight import check_prompt, context_limit, load_tokenizer
     from seesaw_mc.inputs import InvalidLine, error_record, output_record, raise_invalid
     from seesaw_mc.model.hf_import import load_model_args
 
@@ -365,7 +365,7 @@ def cmd_generate(a) -> int:
                       f"{eng.config.decode_layout}: {len(eng.transitions)} transitions")
     if a.metrics_json:
         with open(a.metrics_json, "w") as f:
-            swap = eng.runner.swap_summary()
+            swap = eng.runner.kv.summary()
             json.dump({"engine": eng.stats.as_dict(), "transitions": eng.transitions, "swap": swap,
                        "timeline": list(eng.stats.timeline)}, f, indent=2)
     el = time.perf_counter() - t1

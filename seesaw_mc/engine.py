@@ -1,11 +1,10 @@
-"""The engine loop: schedule -> run one phase -> sample -> outputs."""
+"""The engine loop: schedule -> run the step on the replica -> update_from_output -> outputs."""
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
 import time
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Sequence as Seq
@@ -13,42 +12,20 @@ from typing import Any, Deque, Dict, List, Optional, Sequence as Seq
 import torch
 
 from seesaw_mc.config import EngineConfig
-from seesaw_mc.errors import CapacityError, ConfigError, InputError, ModelError, SeesawError
-from seesaw_mc.kv.block_manager import BlockManager
-from seesaw_mc.model.hf_import import ModelArgs, load_model_args
-from seesaw_mc.outputs import CompletionOutput, RequestOutput
+from seesaw_mc.core.block_manager import BlockManager
+from seesaw_mc.core.scheduler import Phase, Scheduler
+from seesaw_mc.core.seesaw_policy import SeesawScheduler
+from seesaw_mc.core.sequence import Sequence
+from seesaw_mc.core.step_plan import PlanBuilder, SequenceMirror, StepPlan
+from seesaw_mc.errors import CapacityError, InputError, SeesawError
+from seesaw_mc.model.hf_import import load_model_args
+from seesaw_mc.outputs import RequestOutput, StopRules, completion_output
+from seesaw_mc.preflight import check_layouts, check_prompt, context_limit, load_tokenizer, resolve_dtype
 from seesaw_mc.sampling import step_seed
 from seesaw_mc.sampling_params import SamplingParams
-from seesaw_mc.scheduler import Phase, Scheduler, SeesawScheduler
-from seesaw_mc.sequence import Sequence
-from seesaw_mc.step_plan import PlanBuilder, SequenceMirror, StepPlan
 
 log = logging.getLogger("seesaw_mc")
 TIMELINE_STEPS = 100_000
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str, args: ModelArgs, on_cuda: bool) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    if not on_cuda:
-        return torch.float32  # CPU matmuls are fastest and exact in fp32
-    return _DTYPES.get(args.torch_dtype, torch.bfloat16)
-
-
-def load_tokenizer(path: str):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # transformers raises OSError/ValueError/... depending on what is missing
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise ModelError(f"cannot load the tokenizer from {path!r}: {msg}") from None
-
 
 def _stable_hash(value) -> int:
     return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little")
@@ -73,6 +50,7 @@ class EngineStats:
     decode_time: float = 0.0
     steps: Dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     preemptions: int = 0
+    """Read from the scheduler, the one counter (a swap to the host tier counts as one)."""
     timeline: Deque[tuple] = field(default_factory=lambda: deque(maxlen=TIMELINE_STEPS))
     """Per step: (start, seconds, phase, batch size, device tier use, host tier use); the
     newest TIMELINE_STEPS steps, so that a long job's memory stays flat."""
@@ -86,71 +64,12 @@ class EngineStats:
         }
 
 
-def context_limit(args: ModelArgs, max_model_len: Optional[int]) -> int:
-    """Longest prompt + output the model allows (or the user's max_model_len, if smaller)."""
-    limit = args.max_position_embeddings
-    if args.sliding_window:
-        # Beyond the window the model attends differently; stay where we are exact.
-        limit = min(limit, args.sliding_window)
-    if max_model_len is not None and max_model_len > limit:
-        raise ConfigError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
-    return max_model_len or limit
-
-
-def check_prompt(request_id, prompt_token_ids: Seq[int], vocab_size: int, context_len: int) -> List[int]:
-    """The checks that need only the model's config: non-empty, ids in the vocabulary, fits the context."""
-    ids = list(prompt_token_ids)
-    if not ids:
-        raise InputError(f"request {request_id!r}: empty prompt")
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
-        raise InputError(f"request {request_id!r}: prompt token ids must be integers in [0, {vocab_size})")
-    if len(ids) >= context_len:
-        raise InputError(f"request {request_id!r}: prompt of {len(ids)} tokens does not fit the model's "
-                         f"context of {context_len} tokens (one token must be left to generate)")
-    return ids
-
-
-def check_layouts(config: EngineConfig, args: ModelArgs) -> str:
-    """Reject layouts the model or the launch cannot run, before any collective (so every
-    rank fails alike, at once, with the same line). Returns the TP all-reduce backend."""
-    for role, lay in (("prefill", config.prefill_layout), ("decode", config.decode_layout)):
-        if args.num_heads % lay.tp or args.num_kv_heads % lay.tp:
-            raise ConfigError(f"{role} layout {lay}: tp={lay.tp} must divide the model's {args.num_heads} attention "
-                              f"heads and {args.num_kv_heads} KV heads")
-        if lay.pp > args.num_layers:
-            raise ConfigError(f"{role} layout {lay}: pp={lay.pp} exceeds the model's {args.num_layers} layers")
-    from seesaw_mc.parallel.deepspeed_ops import choose_allreduce
-    from seesaw_mc.parallel.megatron_adapter import HAS_CUDA, local_world_size
-    from seesaw_mc.planner import ModelShape
-
-    cap = config.cache.device_capacity_bytes
-    if cap is not None:
-        shape = ModelShape.from_model_args(args, resolve_dtype(config.dtype, args, HAS_CUDA).itemsize)
-        for role, lay in (("prefill", config.prefill_layout), ("decode", config.decode_layout)):
-            need = shape.shard_bytes(lay)
-            if need > cap * config.cache.device_memory_fraction:
-                raise ConfigError(f"{role} layout {lay}: its weight shard ({need / 2**30:.2f} GiB per rank) does not "
-                                  f"fit the emulated device ({cap / 2**30:.2f} GiB x {config.cache.device_memory_fraction}"
-                                  f"); use more tensor or pipeline parallelism")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != config.world_size:
-        raise ConfigError(f"layouts {config.prefill_layout} -> {config.decode_layout} need {config.world_size} ranks "
-                          f"but {world} were launched")
-    local = local_world_size(world)
-    replica = config.prefill_layout.tp * config.prefill_layout.pp
-    if config.prefill_layout != config.decode_layout and replica > local:
-        raise ConfigError(f"switching layouts needs each DP replica ({replica} ranks) on one node "
-                          f"({local} ranks per node here): KV moves through node-local shared memory")
-    return choose_allreduce(config.allreduce, HAS_CUDA, world, local,
-                            (config.prefill_layout.tp, config.decode_layout.tp))
-
-
 class LLMEngine:
     """Every rank builds one; the leader of each DP replica schedules and the others follow
     its step plans (worker_loop)."""
 
     def __init__(self, config: EngineConfig):
-        from seesaw_mc.model_runner import ModelRunner
+        from seesaw_mc.worker.runner import ModelRunner
         from seesaw_mc.parallel import megatron_adapter as mc
 
         self.config = config
@@ -184,13 +103,15 @@ class LLMEngine:
         self.dp_size = config.prefill_layout.dp
         self.dp_rank = self.runner.groups["prefill"].dp_rank
         device = BlockManager(self.runner.num_blocks, bs)
+        stop = StopRules(self.tokenizer, self.eos_token_ids, max_len)
+        sc = config.scheduler
         if self.runner.switching:
             # Two layouts: the host tier holds KV between phases; schedule for few transitions.
             host = BlockManager(self.runner.num_host_blocks, bs, table="host_block_table")
-            self.scheduler = SeesawScheduler(device, host, config.scheduler.max_num_seqs,
-                                             config.scheduler.max_num_batched_tokens, config.scheduler.decode_watermark)
+            self.scheduler = SeesawScheduler(device, host, sc.max_num_seqs, sc.max_num_batched_tokens,
+                                             sc.decode_watermark, stop_check=stop)
         else:
-            self.scheduler = Scheduler(device, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
+            self.scheduler = Scheduler(device, sc.max_num_seqs, sc.max_num_batched_tokens, stop_check=stop)
         self.watchdog = None
         if torch.distributed.get_world_size() > 1:
             from seesaw_mc.parallel.procs import Watchdog
@@ -211,7 +132,7 @@ class LLMEngine:
         transitions cover only what came after it. The one source for the CLI, the benchmarks
         and the tests."""
         rec = {"engine": self.stats.as_dict(), "transitions": list(self.transitions),
-               "swap": self.runner.swap_summary(since=since["swap"] if since else None),
+               "swap": self.runner.kv.summary(since=since["swap"] if since else None),
                "timeline": list(self.stats.timeline), "allreduce": self.runner.allreduce,
                "device_blocks": self.runner.num_blocks, "host_blocks": self.runner.num_host_blocks}
         if since:
@@ -249,27 +170,29 @@ class LLMEngine:
 
     # -- one step -----------------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
-        """Leader: schedule, tell the replica, run the phase, sample, collect finished requests."""
+        """Leader: schedule, tell the replica, run the step, hand the tokens to the scheduler,
+        collect finished requests."""
         if self.watchdog:
             self.watchdog.beat()
         out = self.scheduler.schedule()
-        self.stats.preemptions += len(out.preempted)
-        for s in out.preempted:
-            self.plans.forget(s)
-        for s, _ in out.swap_out:  # its device blocks are gone: resent whole when swapped back in
-            self.plans.forget(s)
-        plan = self.plans.build(out.phase.value, out.seqs)
-        plan.swap_out = [p for _, pairs in out.swap_out for p in pairs]
-        plan.swap_in = [p for _, pairs in out.swap_in for p in pairs]
-        plan.prefetch = [p for _, pairs in out.prefetch for p in pairs]
-        plan.offload = [p for _, pairs in out.offload for p in pairs]
-        plan.wait_copies = out.wait_copies
-        if not out.seqs and not plan.swap_out and not plan.swap_in and not plan.prefetch:
+        self.stats.preemptions = self.scheduler.num_preemptions
+        plan = self.plans.plan_step(out)
+        if plan is None:
             return []
         self.runner.broadcast_plan(plan)
         t0 = time.perf_counter()
-        tokens, logprobs = self._run_plan(plan, out.seqs)
-        dt = time.perf_counter() - t0
+        result = self.runner.execute(plan, out.seqs)
+        self._record_step(out, time.perf_counter() - t0)
+        done = self.scheduler.update_from_output(out, result)
+        self.plans.after_step(out, done)
+        finished: List[RequestOutput] = []
+        for seq in done:
+            req = self.requests[seq.request_id]
+            if all(s.is_finished for s in req.seqs):
+                finished.append(self._make_output(self.requests.pop(seq.request_id)))
+        return finished
+
+    def _record_step(self, out, dt: float) -> None:
         host = getattr(self.scheduler, "host", None)
         self.stats.timeline.append((time.time() - dt, dt, out.phase.value, len(out.seqs), self.scheduler.bm.usage,
                                     host.usage if host is not None else 0.0))
@@ -280,31 +203,6 @@ class LLMEngine:
         else:
             self.stats.decode_tokens += len(out.seqs)
             self.stats.decode_time += dt
-        finished: List[RequestOutput] = []
-        for seq, tok, lp in zip(out.seqs, tokens, logprobs):
-            seq.token_ids.append(tok)
-            if lp is not None:
-                seq.cumulative_logprob += lp[0]
-                seq.logprobs.append(lp[1])
-            if self._check_stop(seq, tok):
-                self.scheduler.finish(seq)
-                self.plans.forget(seq)
-                req = self.requests[seq.request_id]
-                if all(s.is_finished for s in req.seqs):
-                    finished.append(self._make_output(self.requests.pop(seq.request_id)))
-        if out.offload:  # prefilled prompts now live in the host tier
-            for s in out.seqs:
-                self.plans.forget(s)
-            self.scheduler.after_prefill(out.seqs)
-        return finished
-
-    def _run_plan(self, plan: StepPlan, seqs):
-        # Swap-outs read the device KV in the layout that wrote it: before any transition.
-        self.runner.swap_out(plan.swap_out)
-        if plan.kind != self.runner.active:  # layouts are named after the phase they run
-            self.runner.activate(plan.kind)
-        return self.runner.execute(plan.kind == "prefill", seqs, swap_in=plan.swap_in, offload=plan.offload,
-                                   prefetch=plan.prefetch, wait_copies=plan.wait_copies)
 
     def worker_loop(self):
         """Non-leader ranks: follow the leader's plans until it says stop; returns its payload."""
@@ -318,7 +216,7 @@ class LLMEngine:
                 if isinstance(plan.payload, SeesawError):
                     raise plan.payload
                 return plan.payload
-            self._run_plan(plan, self.mirror.apply(plan))
+            self.runner.execute(plan, self.mirror.apply(plan))
 
     def gather_across_replicas(self, obj) -> list:
         """Leaders only: every DP replica leader's `obj`, in replica order."""
@@ -335,43 +233,7 @@ class LLMEngine:
         self.runner.broadcast_plan(StepPlan("stop", payload=payload))
         return payload
 
-    def _check_stop(self, seq: Sequence, tok: int) -> bool:
-        p = seq.params
-        if not p.ignore_eos and tok in self.eos_token_ids:
-            seq.finish_reason = "stop"
-            return True
-        if tok in p.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", tok
-            return True
-        if p.stop:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
-            hits = [(text.find(s), s) for s in p.stop if s in text]
-            if hits:
-                at, s = min(hits)
-                seq.text = text[: at + len(s)] if p.include_stop_str_in_output else text[:at]
-                seq.finish_reason, seq.stop_reason = "stop", s
-                return True
-        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(seq) >= self.max_model_len:
-            seq.finish_reason = "length"
-            return True
-        return False
-
     def _make_output(self, req: _Request) -> RequestOutput:
-        outs = []
-        for s in req.seqs:
-            text = s.text
-            if text is None:
-                text = self.tokenizer.decode(s.output_token_ids, skip_special_tokens=s.params.skip_special_tokens)
-            lps = None
-            if s.params.logprobs is not None:
-                lps = s.logprobs
-                for entry in lps:
-                    for tid, lp in entry.items():
-                        lp.decoded_token = self.tokenizer.decode([tid])
-            outs.append(CompletionOutput(
-                index=s.index, text=text, token_ids=s.output_token_ids,
-                cumulative_logprob=s.cumulative_logprob if s.params.logprobs is not None else None,
-                logprobs=lps, finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                num_preemptions=s.num_preemptions))
+        outs = [completion_output(s, self.tokenizer) for s in req.seqs]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              metrics={"arrival_time": req.arrival_time, "finished_time": time.perf_counter()})

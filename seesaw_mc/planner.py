@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from seesaw_mc.config import Layout
 from seesaw_mc.errors import ConfigError
-from seesaw_mc.step_plan import num_microbatches
+from seesaw_mc.core.step_plan import num_microbatches
 
 GiB = 2 ** 30
 GLOO_LINK = (0.9e9, 3e-4)
@@ -451,7 +451,7 @@ def measure_machine(threads: int = 1, ranks: int = 1, link_bw: Optional[float] =
         bw = 2 * src.numel() * 4 / best  # read + write
     finally:
         torch.set_num_threads(old)
-    from seesaw_mc.kv.paged_cache import available_host_bytes
+    from seesaw_mc.worker.device_cache import available_host_bytes
 
     avail = available_host_bytes()
     return Hardware(name=f"this machine ({threads} thread{'s' if threads > 1 else ''}/rank)", flops=flops,

@@ -28,7 +28,7 @@ def main():
         greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=case["max_tokens"]), use_tqdm=False)
         transitions = list(llm.engine.transitions) if llm.engine.is_leader else []
         preemptions = llm.engine.stats.preemptions
-        swap = llm.engine.runner.swap_summary()
+        swap = llm.engine.runner.kv.summary()
         sampled = llm.generate(prompts[:4], [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=40 + i)
                                              for i in range(4)], use_tqdm=False)
         results[case["name"]] = {

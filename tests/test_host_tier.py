@@ -2,8 +2,8 @@
 run here on CPU) must put exactly the same bytes in the same places."""
 import torch
 
-from seesaw_mc.kv.host_tier import HostKVBuffer, Stager, block_runs
-from seesaw_mc.kv.paged_cache import KVCacheViews
+from seesaw_mc.worker.host_tier import HostKVBuffer, Stager, block_runs
+from seesaw_mc.worker.device_cache import KVCacheViews
 
 
 def make(tmp_path, name):

@@ -219,8 +219,8 @@ def test_emulated_device_refuses_shards_that_do_not_fit(tiny_models, tmp_path, m
     import torch
 
     from seesaw_mc.config import EngineConfig
-    from seesaw_mc.engine import check_layouts
-    from seesaw_mc.kv.paged_cache import device_kv_budget
+    from seesaw_mc.preflight import check_layouts
+    from seesaw_mc.worker.device_cache import device_kv_budget
     from seesaw_mc.model.hf_import import load_model_args
 
     model = tiny_models["llama"]

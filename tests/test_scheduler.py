@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from seesaw_mc.kv.block_manager import BlockManager, blocks_needed
-from seesaw_mc.scheduler import Phase, Scheduler
-from seesaw_mc.sequence import Sequence, SequenceStatus
+from seesaw_mc.core.block_manager import BlockManager, blocks_needed
+from seesaw_mc.core.scheduler import Phase, Scheduler
+from seesaw_mc.core.sequence import Sequence, SequenceStatus
 
 
 class P:  # the scheduler only carries params around
@@ -19,7 +19,7 @@ def seq(n, rid=None):
 
 
 def test_no_torch_import():
-    code = ("import sys; import seesaw_mc.scheduler, seesaw_mc.kv.block_manager, seesaw_mc.config, "
+    code = ("import sys; import seesaw_mc.core.scheduler, seesaw_mc.core.seesaw_policy, seesaw_mc.core.step_plan, seesaw_mc.core.block_manager, seesaw_mc.config, "
             "seesaw_mc.inputs, seesaw_mc.sampling_params; "
             "bad = [m for m in ('torch', 'numpy', 'megatron') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -150,3 +150,23 @@ def test_never_fitting_sequence_rejected():
     sched = Scheduler(BlockManager(num_blocks=2, block_size=4), 4, 100)
     with pytest.raises(ValueError, match="needs 3 KV blocks"):
         sched.add(seq(8))
+
+
+def test_blocks_under_a_copy_ticket_wait_for_it():
+    """A block that a background copy still uses is not handed out until its ticket completes."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a, b = seq(8), seq(8)
+    bm.allocate(a)
+    bm.allocate(b)
+    held = list(a.block_table)
+    bm.free(a, ticket=7)
+    assert a.block_table == [] and bm.num_free_blocks == 0 and bm.num_held_blocks == 2
+    with pytest.raises(RuntimeError):
+        bm.allocate(seq(4))
+    bm.complete(6)  # another ticket: nothing changes
+    assert bm.num_free_blocks == 0
+    bm.complete(7)
+    assert bm.num_free_blocks == 2 and bm.num_held_blocks == 0
+    c = seq(8)
+    bm.allocate(c)
+    assert sorted(c.block_table) == sorted(held)

@@ -4,9 +4,10 @@ import random
 
 import pytest
 
-from seesaw_mc.kv.block_manager import BlockManager, blocks_needed
-from seesaw_mc.scheduler import Phase, SeesawScheduler
-from seesaw_mc.sequence import Sequence, SequenceStatus
+from seesaw_mc.core.block_manager import BlockManager, blocks_needed
+from seesaw_mc.core.scheduler import Phase, RunnerOutput
+from seesaw_mc.core.seesaw_policy import SeesawScheduler
+from seesaw_mc.core.sequence import Sequence, SequenceStatus
 
 
 class P:
@@ -24,14 +25,16 @@ def arxiv_like(n, seed=0, scale=1.0):
 
 
 def drive(sched, reqs, stats=None):
-    """Play the engine: apply the step (tokens), hand prefilled prompts to the host tier.
+    """Play the runner: schedule, then hand the step's tokens back (update_from_output).
     Checks that only resident sequences are decoded: prefilled, swapped in before the step,
     or prefetched during an earlier step (a background copy into blocks no one else uses)."""
     max_new = {s.request_id: m for s, m in reqs}
+    sched.stop_check = lambda s, tok: s.num_output_tokens >= max_new[s.request_id]
     finished, steps, phases = [], 0, []
     host_pairs_written = {}
     resident = set()
     in_flight = set()  # device blocks of the last prefill step's offload
+    in_flight_ticket = None
     stats = stats if stats is not None else {}
     while sched.has_unfinished():
         steps += 1
@@ -49,7 +52,10 @@ def drive(sched, reqs, stats=None):
         busy = {b for s in out.seqs for b in s.block_table}
         if out.phase is Phase.PREFILL and busy & in_flight:
             assert out.wait_copies, "a prefill step reuses blocks whose offload may still be copying"
+        if busy & in_flight:
+            assert in_flight_ticket in out.wait_for, "a step reuses blocks of a copy it does not wait for"
         in_flight = {d for _, pairs in out.offload for d, _ in pairs}
+        in_flight_ticket = out.offload_ticket
         for seq, pairs in out.prefetch:
             assert seq not in out.seqs, "a prefetched sequence is decoded before its copy is done"
             assert not busy & {d for d, _ in pairs}, "prefetch writes into blocks the step uses"
@@ -61,12 +67,9 @@ def drive(sched, reqs, stats=None):
             assert len(s.block_table) >= blocks_needed(len(s), sched.bm.block_size)
             if out.phase is Phase.DECODE:
                 assert s.seq_id in resident, f"{s} decoded without its KV on the device"
-            s.token_ids.append(1)
-            if s.num_output_tokens >= max_new[s.request_id]:
-                sched.finish(s)
-                finished.append(s.request_id)
+        done = sched.update_from_output(out, RunnerOutput([1] * len(out.seqs), [None] * len(out.seqs)))
+        finished.extend(s.request_id for s in done)
         if out.phase is Phase.PREFILL:
-            sched.after_prefill(out.seqs)
             resident.update(s.seq_id for s in out.seqs)  # computed on the device; offloaded next
         for seq, _ in out.prefetch:  # the next step finds the copy done
             resident.add(seq.seq_id)

@@ -1,7 +1,7 @@
 """Step plans: the leader sends whole sequences once, then only what changed (pure Python)."""
 from seesaw_mc.sampling_params import SamplingParams
-from seesaw_mc.sequence import Sequence
-from seesaw_mc.step_plan import PlanBuilder, SequenceMirror
+from seesaw_mc.core.sequence import Sequence
+from seesaw_mc.core.step_plan import PlanBuilder, SequenceMirror
 
 
 def test_plans_carry_diffs_and_mirror_tracks_leader():

@@ -2,10 +2,17 @@
 
 A sequence of L tokens owns ceil(L / block_size) blocks; slot i of the sequence lives at
 block_table[i // block_size] * block_size + i % block_size.
+
+Copy tickets: a block that a background copy still reads or writes must not be handed to
+anyone else. `free(seq, ticket=t)` parks the blocks under copy ticket t; they become free
+only at `complete(t)`, which the scheduler calls for exactly the tickets that the next step
+waits for (StepPlan.wait_for): the runner finishes those copies before that step copies or
+computes anything. So reuse-after-copy is a rule of the block manager, not a matter of timing.
 """
 from __future__ import annotations
 
 from collections import deque
+from typing import Dict, List, Optional
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -23,6 +30,7 @@ class BlockManager:
         self.block_size = block_size
         self.table = table
         self._free = deque(range(num_blocks))
+        self._held: Dict[int, List[int]] = {}  # copy ticket -> blocks freed while it copies
 
     @property
     def num_free_blocks(self) -> int:
@@ -57,10 +65,23 @@ class BlockManager:
                 raise RuntimeError(f"append_slot({seq}): no free block")
             seq.block_table.append(self._free.popleft())
 
-    def free(self, seq) -> None:
-        # Most recently allocated first, so that a re-admitted sequence tends to get warm blocks.
-        self._free.extendleft(reversed(getattr(seq, self.table)))
+    def free(self, seq, ticket: Optional[int] = None) -> None:
+        """Give back seq's blocks: now, or at complete(ticket) when a copy still uses them."""
+        blocks = getattr(seq, self.table)
         setattr(seq, self.table, [])
+        if ticket is not None:
+            self._held.setdefault(ticket, []).extend(blocks)
+            return
+        # Most recently allocated first, so that a re-admitted sequence tends to get warm blocks.
+        self._free.extendleft(reversed(blocks))
+
+    def complete(self, ticket: int) -> None:
+        """Copy `ticket` is done (or the step about to run waits for it): its blocks are free."""
+        self._free.extendleft(reversed(self._held.pop(ticket, [])))
+
+    @property
+    def num_held_blocks(self) -> int:
+        return sum(len(b) for b in self._held.values())
 
     def slot(self, seq, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -47,6 +47,13 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.text: Optional[str] = None
 
+    def append_token(self, token: int, logprob=None) -> None:
+        """A sampled token; `logprob`: (its logprob, {token: Logprob}) when logprobs were asked for."""
+        self.token_ids.append(token)
+        if logprob is not None:
+            self.cumulative_logprob += logprob[0]
+            self.logprobs.append(logprob[1])
+
     def __len__(self) -> int:
         return len(self.token_ids)
 

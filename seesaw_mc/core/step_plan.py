@@ -7,9 +7,10 @@ worker last heard of the sequence and any new blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from seesaw_mc.sequence import Sequence
+from seesaw_mc.core.scheduler import SchedulerOutput
+from seesaw_mc.core.sequence import Sequence
 
 PREFILL_MICROBATCH_TOKENS = 256
 """Smallest prefill micro-batch worth a pipeline slot: below it matmuls lose efficiency faster
@@ -52,12 +53,15 @@ class StepPlan:
     swap_in: List[Tuple[int, int]] = field(default_factory=list)
     """(device_block, host_block) pairs to copy from the host tier before the step."""
     prefetch: List[Tuple[int, int]] = field(default_factory=list)
-    """(device_block, host_block) pairs to copy from the host tier while the step computes,
-    done before the next step starts."""
-    wait_copies: bool = False
-    """Finish every background copy before the step computes (it reuses their blocks)."""
+    """(device_block, host_block) pairs to copy from the host tier while the step computes."""
     offload: List[Tuple[int, int]] = field(default_factory=list)
     """(device_block, host_block) pairs to copy to the host tier after a prefill step."""
+    prefetch_ticket: Optional[int] = None
+    offload_ticket: Optional[int] = None
+    """Copy tickets of this step's background copies (core/block_manager.py)."""
+    wait_for: List[int] = field(default_factory=list)
+    """Tickets of background copies to finish before this step copies or computes anything:
+    the scheduler has released their blocks, and this step may reuse them."""
     payload: Any = None
     """"stop" plans may carry a result for every rank (e.g. generate()'s outputs)."""
 
@@ -68,6 +72,27 @@ class PlanBuilder:
     def __init__(self):
         self._synced: Dict[int, Tuple[int, int]] = {}
         self._freed: List[int] = []
+        self._wait_for: List[int] = []  # tickets of a step that had nothing to send: the next plan waits
+
+    def plan_step(self, out: SchedulerOutput) -> Optional[StepPlan]:
+        """The plan of one scheduled step, or None when it has nothing to compute or copy
+        (what it would have told the workers then rides with the next plan)."""
+        for s in out.preempted + [s for s, _ in out.swap_out]:  # resent whole if they come back
+            self.forget(s)
+        self._wait_for += out.wait_for
+        if not (out.seqs or out.swap_out or out.swap_in or out.prefetch):
+            return None
+        plan = self.build(out.phase.value, out.seqs)
+        plan.swap_out, plan.swap_in = out.copy_pairs("swap_out"), out.copy_pairs("swap_in")
+        plan.prefetch, plan.offload = out.copy_pairs("prefetch"), out.copy_pairs("offload")
+        plan.prefetch_ticket, plan.offload_ticket = out.prefetch_ticket, out.offload_ticket
+        plan.wait_for, self._wait_for = self._wait_for, []
+        return plan
+
+    def after_step(self, out: SchedulerOutput, finished: List[Sequence]) -> None:
+        """Forget what left the device in the step: finished sequences, offloaded prompts."""
+        for s in finished + (out.seqs if out.offload else []):
+            self.forget(s)
 
     def forget(self, seq: Sequence) -> None:
         if self._synced.pop(seq.seq_id, None) is not None:

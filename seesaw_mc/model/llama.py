@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from seesaw_mc.model.kernels import TORCH_KERNELS, KernelChoice, rmsnorm
 from seesaw_mc.model.attention import get_attn_metadata, paged_attention
 from seesaw_mc.model.hf_import import ModelArgs
 from seesaw_mc.parallel import megatron_adapter as mc
-from seesaw_mc.reshard import padded_vocab_size, shard_tensor
+from seesaw_mc.model.sharding import padded_vocab_size
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -158,8 +158,6 @@ class CausalLM(MegatronModule):
                 args.hidden_size, vocab, config=config, init_method=_no_init, bias=False, gather_output=True,
                 skip_weight_param_allocation=self.shares_embedding, tp_group=tp_group)
         self.register_buffer("rope", mc.rotary_table(args, max_len, device), persistent=False)
-        self._param_shapes = {n: tuple(p.shape) for n, p in self.named_parameters()}
-        self.release_weights()  # megatron allocated placeholders; shards come from the master copy
 
     @torch.inference_mode()
     def forward(self, input_ids: Optional[torch.Tensor], hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -178,50 +176,3 @@ class CausalLM(MegatronModule):
         weight = self.embedding.word_embeddings.weight if self.shares_embedding else None
         logits, _ = self.output_layer(x, weight=weight)
         return logits[:, : self.vocab_size].float()
-
-    def local_names(self, name: str) -> List[str]:
-        """Megatron global name -> this stage's parameter names (empty if another stage owns it)."""
-        if name.startswith("decoder.layers."):
-            i = int(name.split(".")[2])
-            if not self.layer_start <= i < self.layer_end:
-                return []
-            return [f"decoder.layers.{i - self.layer_start}." + name.split(".", 3)[3]]
-        if name == "embedding.word_embeddings.weight":
-            out = [name] if self.pre_process else []
-            if self.args.tie_word_embeddings and self.post_process and not self.pre_process:
-                out.append("output_layer.weight")
-            return out
-        if name.startswith(("decoder.final_layernorm", "output_layer")):
-            return [name] if self.post_process else []
-        raise KeyError(name)
-
-    def release_weights(self) -> None:
-        """Drop this layout's shards (views of the master copy cost nothing; copies are freed)."""
-        empty = torch.empty(0, dtype=self.config.params_dtype, device=self.rope.device)
-        for p in self.parameters():
-            p.data = empty
-
-    def load_full_tensors(self, tensors: Iterable[Tuple[str, torch.Tensor]], non_blocking: bool = False) -> int:
-        """Take this rank's shard of every full Megatron-named tensor (views where possible).
-        Returns the bytes that had to be copied (shards that are not views of the master).
-        non_blocking: on CUDA from a pinned master, copies are queued on the current stream."""
-        copied = 0
-        params: Dict[str, nn.Parameter] = dict(self.named_parameters())
-        loaded = set()
-        for name, full in tensors:
-            for local in self.local_names(name):
-                rule = "output_layer.weight" if local == "output_layer.weight" else name
-                shard = shard_tensor(rule, full, self.tp_rank, self.tp_size, self.args.num_kv_heads, self.fc1_pairs)
-                p = params[local]
-                if tuple(shard.shape) != self._param_shapes[local]:
-                    raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {self._param_shapes[local]}")
-                data = shard.to(device=self.rope.device, dtype=self.config.params_dtype, non_blocking=non_blocking)
-                if data.untyped_storage().data_ptr() != full.untyped_storage().data_ptr():
-                    copied += data.numel() * data.element_size()
-                p.data = data
-                p.requires_grad_(False)
-                loaded.add(local)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"weights missing for {missing[:3]}")
-        return copied

@@ -136,6 +136,33 @@ def start_shm_allreduce(module, world: int, rank: int, barrier: Callable[[], Non
     return reduce
 
 
+def start_tp_allreduce(backend: str) -> Tuple[str, Optional[Callable]]:
+    """Set up the TP all-reduce chosen by choose_allreduce (collective over the world). If
+    DeepSpeed's shm op cannot load on some rank, every rank falls back to gloo (one warning
+    line). Returns (the backend in use, DeepSpeed's reduce or None; it counts its calls)."""
+    import torch.distributed as dist
+
+    from seesaw_mc.parallel import megatron_adapter as mc
+
+    world = dist.get_world_size()
+    if backend != "deepspeed-shm":
+        mc.set_tp_allreduce(None, world)
+        return backend, None
+    module, why = load_shm_op()
+    ok = torch.tensor([1 if module is not None else 0], dtype=torch.long)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank must agree before the op's set-up
+    if not ok.item():
+        if dist.get_rank() == 0:
+            logging.getLogger("seesaw_mc").warning(
+                "DeepSpeed's shm all-reduce is unavailable (%s); TP all-reduce uses gloo",
+                why or "it did not load on another rank")
+        mc.set_tp_allreduce(None, world)
+        return "gloo", None
+    reduce = start_shm_allreduce(module, world, dist.get_rank(), dist.barrier)
+    mc.set_tp_allreduce(reduce, world)
+    return backend, reduce
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv != ["build"]:

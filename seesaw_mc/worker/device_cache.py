@@ -1,4 +1,5 @@
-"""Device KV cache tensors, sized from a memory budget."""
+"""The device KV tier: one flat buffer per rank, sized from a memory budget, viewed in the
+shape of each layout."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,9 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
+import torch.distributed as dist
+
+from seesaw_mc.errors import CapacityError
 
 _GiB = 1 << 30
 
@@ -81,3 +85,30 @@ def host_kv_budget(cache_cfg) -> int:
     if cache_cfg.host_memory_bytes is not None:
         return int(cache_cfg.host_memory_bytes)
     return int(cache_cfg.host_memory_fraction * available_host_bytes())
+
+
+def allocate_device_kv(config, args, groups: dict, dtype: torch.dtype, device: torch.device,
+                       max_model_len: int) -> Tuple[int, DeviceKVBuffer]:
+    """The device tier's block count (the same on every rank: MIN over the world) and buffer,
+    big enough for the block shape of every layout in `groups`."""
+    c = config.cache
+    per_block = {n: bytes_per_block(g.layer_end - g.layer_start, c.block_size, args.num_kv_heads // g.layout.tp,
+                                    args.head_dim, dtype)
+                 for n, g in groups.items()}
+    if c.num_device_blocks is not None:
+        n = c.num_device_blocks
+    else:
+        from seesaw_mc.planner import ModelShape
+
+        shape = ModelShape.from_model_args(args, dtype.itemsize)
+        budget = device_kv_budget(c, device, max(shape.shard_bytes(g.layout) for g in groups.values()))
+        most = config.scheduler.max_num_seqs * (-(-max_model_len // c.block_size))
+        n = min(min(budget // b for b in per_block.values()), most)
+        if dist.get_world_size() > 1:
+            t = torch.tensor([n], dtype=torch.long)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            n = int(t.item())
+        if n < 1:
+            raise CapacityError(f"KV cache budget of {budget} bytes holds no {c.block_size}-token block "
+                                f"({max(per_block.values())} bytes each); raise kv_cache_memory_bytes")
+    return n, DeviceKVBuffer(n * max(per_block.values()), device)

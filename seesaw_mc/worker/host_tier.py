@@ -10,12 +10,21 @@ orders the writes of one layout before the reads of the other.
 from __future__ import annotations
 
 import math
-import os
 from typing import List, Tuple
 
 import torch
 
-from seesaw_mc.kv.paged_cache import KVCacheViews
+from seesaw_mc.worker.device_cache import KVCacheViews, bytes_per_block, host_kv_budget
+
+
+def num_host_blocks(config, args, layout, dtype: torch.dtype, local_world: int) -> int:
+    """Host tier size: exact, or a byte budget per node split among its DP replicas."""
+    c = config.cache
+    if c.num_host_blocks is not None:
+        return c.num_host_blocks
+    per_block = bytes_per_block(args.num_layers, c.block_size, args.num_kv_heads, args.head_dim, dtype)
+    replicas_here = max(1, min(layout.dp, local_world // (layout.tp * layout.pp)))
+    return max(1, host_kv_budget(c) // replicas_here // per_block)
 
 
 class HostKVBuffer:
@@ -160,10 +169,3 @@ def block_runs(pairs) -> List[Tuple[int, int, int]]:
         else:
             runs.append([d, h, 1])
     return [tuple(r) for r in runs]
-
-
-def unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -1,82 +1,28 @@
-"""Weights: full (master) Megatron-named tensors -> this rank's shard for a TP degree.
+"""Re-sharding, all of it: both layouts' process groups and model shards, the host master
+copy of the weights, taking a layout's shards from it, and the switch between layouts.
 
-Each rule narrows a full tensor to the slice a TP rank owns, the same way megatron-core's
-column/row/vocab-parallel layers partition it. Re-sharding to another layout means running
-the rules again with the new (tp_rank, tp_size): see `shard_tensor`.
+The shard rules (seesaw_mc.model.sharding) narrow a full Megatron-named tensor to what a TP
+rank owns, as megatron-core's column/row/vocab-parallel layers partition it. Re-sharding to
+another layout means running the rules again with the new (tp_rank, tp_size), over the master
+copy, which every rank of a node maps once: on CPU a shard is a view and nothing moves.
 """
 from __future__ import annotations
 
-import math
+import json
 import os
-import tempfile
+import time
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
-
-def _row(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    return full.chunk(size, dim=1)[rank]
-
-
-def _qkv(full: torch.Tensor, rank: int, size: int, num_groups: int) -> torch.Tensor:
-    # Rows are packed per query group; a TP rank owns whole groups.
-    grouped = full.reshape(num_groups, -1, *full.shape[1:])
-    return grouped.chunk(size, dim=0)[rank].reshape(-1, *full.shape[1:])
-
-
-def _fc1(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    # Full tensor is [gate; up]; a rank's shard is [gate_r; up_r] (a copy).
-    gate, up = full.chunk(2, dim=0)
-    return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
-
-
-def fc1_interleave_factor(ffn_hidden_size: int, tp_degrees) -> int:
-    """How many [gate_c; up_c] pairs the master fc1 is stored as: the lcm of the layouts' TP
-    degrees, so that every layout's TP shard is a contiguous run of pairs (a view)."""
-    m = 1
-    for t in tp_degrees:
-        m = m * t // math.gcd(m, t)
-    return m if ffn_hidden_size % m == 0 else 1
-
-
-def interleave_fc1(full: torch.Tensor, pairs: int) -> torch.Tensor:
-    """[gate; up] -> [gate_0; up_0; gate_1; up_1; ...] with `pairs` chunks each."""
-    if pairs == 1:
-        return full
-    gate, up = full.chunk(2, dim=0)
-    rest = full.shape[1:]
-    return torch.stack([gate.reshape(pairs, -1, *rest), up.reshape(pairs, -1, *rest)], dim=1).reshape(full.shape)
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
-    return -(-vocab_size // tp_size) * tp_size
-
-
-def _vocab(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    padded = padded_vocab_size(full.shape[0], size)
-    if padded != full.shape[0]:
-        full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])
-    return full.chunk(size, dim=0)[rank]
-
-
-def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, num_kv_heads: int,
-                 fc1_pairs: int = 1) -> torch.Tensor:
-    """The TP shard of a full Megatron-named tensor (a view when tp_size == 1). fc1_pairs: how
-    the master linear_fc1 is interleaved (see interleave_fc1)."""
-    if tp_size == 1:
-        return full
-    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-        return _qkv(full, tp_rank, tp_size, num_kv_heads)
-    if name.endswith("linear_fc1.weight"):
-        if fc1_pairs % tp_size == 0 and fc1_pairs > 1:
-            return full.chunk(tp_size, dim=0)[tp_rank]  # whole pairs: a view
-        return _fc1(full, tp_rank, tp_size)
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return _row(full, tp_rank, tp_size)
-    if name.endswith(("word_embeddings.weight", "output_layer.weight")):
-        return _vocab(full, tp_rank, tp_size)
-    if name.endswith("layernorm.weight"):
-        return full
-    raise KeyError(f"no sharding rule for {name}")
+from seesaw_mc.config import Layout
+from seesaw_mc.model.hf_import import ModelArgs, iter_megatron_tensors
+from seesaw_mc.model.llama import CausalLM
+from seesaw_mc.parallel import megatron_adapter as mc
+from seesaw_mc.parallel.procs import fault_point
+from seesaw_mc.model.sharding import fc1_interleave_factor, interleave_fc1, shard_tensor
+from seesaw_mc.worker.node_files import node_shared
 
 
 class MasterWeights:
@@ -139,5 +85,137 @@ class MasterWeights:
         return cls(index, buf)
 
 
-def shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+def local_names(model: CausalLM, name: str) -> List[str]:
+    """Megatron global name -> the stage's parameter names (empty if another stage owns it)."""
+    if name.startswith("decoder.layers."):
+        i = int(name.split(".")[2])
+        if not model.layer_start <= i < model.layer_end:
+            return []
+        return [f"decoder.layers.{i - model.layer_start}." + name.split(".", 3)[3]]
+    if name == "embedding.word_embeddings.weight":
+        out = [name] if model.pre_process else []
+        if model.args.tie_word_embeddings and model.post_process and not model.pre_process:
+            out.append("output_layer.weight")
+        return out
+    if name.startswith(("decoder.final_layernorm", "output_layer")):
+        return [name] if model.post_process else []
+    raise KeyError(name)
+
+
+def release_weights(model: CausalLM) -> None:
+    """Drop a layout's shards (views of the master copy cost nothing; copies are freed)."""
+    empty = torch.empty(0, dtype=model.config.params_dtype, device=model.rope.device)
+    for p in model.parameters():
+        p.data = empty
+
+
+def load_shards(model: CausalLM, shapes: Dict[str, tuple], tensors: Iterable[Tuple[str, torch.Tensor]],
+                non_blocking: bool = False) -> int:
+    """Give the model this rank's shard of every full Megatron-named tensor (views where
+    possible); `shapes`: its parameters' shapes. Returns the bytes that had to be copied (shards
+    that are not views of the master). non_blocking: on CUDA from a pinned master, copies are
+    queued on the current stream."""
+    copied = 0
+    params = dict(model.named_parameters())
+    loaded = set()
+    for name, full in tensors:
+        for local in local_names(model, name):
+            rule = "output_layer.weight" if local == "output_layer.weight" else name
+            shard = shard_tensor(rule, full, model.tp_rank, model.tp_size, model.args.num_kv_heads, model.fc1_pairs)
+            if tuple(shard.shape) != shapes[local]:
+                raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {shapes[local]}")
+            data = shard.to(device=model.rope.device, dtype=model.config.params_dtype, non_blocking=non_blocking)
+            if data.untyped_storage().data_ptr() != full.untyped_storage().data_ptr():
+                copied += data.numel() * data.element_size()
+            params[local].data = data
+            params[local].requires_grad_(False)
+            loaded.add(local)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"weights missing for {missing[:3]}")
+    return copied
+
+
+class Resharder:
+    """Both layouts of a rank: process groups and model shards per layout (built once at
+    start-up: re-creating groups leaks them), the master copy, and the active layout."""
+
+    def __init__(self, config, args: ModelArgs, dtype: torch.dtype, device: torch.device, max_model_len: int,
+                 layouts: Dict[str, Layout], job: str, kernels):
+        self.args, self.dtype, self.device = args, dtype, device
+        distinct = {str(lay): lay for lay in layouts.values()}
+        groups = mc.build_layout_groups(distinct, args.num_layers, mc.transformer_config(args, dtype))
+        self.groups = {name: groups[str(lay)] for name, lay in layouts.items()}
+        self.switching = len(distinct) > 1
+        self.fc1_pairs = fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
+        shards = {key: CausalLM(args, dtype, device, max_len=max_model_len, tp_group=g.tp_group,
+                                layer_start=g.layer_start, layer_end=g.layer_end, fc1_pairs=self.fc1_pairs,
+                                kernels=kernels)
+                  for key, g in groups.items()}
+        self.models = {name: shards[str(lay)] for name, lay in layouts.items()}
+        # megatron allocated placeholder parameters: note their shapes, then drop them.
+        self._shapes = {id(m): {n: tuple(p.shape) for n, p in m.named_parameters()} for m in shards.values()}
+        for m in shards.values():
+            release_weights(m)
+        self.master = self._open_master(config.model, job)
+        self._weight_stream = None
+        if device.type == "cuda":
+            self.master.pin()  # page-locked: transitions copy shards asynchronously
+            self._weight_stream = torch.cuda.Stream(device)
+        self.active = "prefill"
+        self._load(self.models["prefill"])
+        self.transitions: List[dict] = []
+
+    def _open_master(self, model_dir: str, job: str) -> "MasterWeights":
+        """Local rank 0 converts the checkpoint once per node; every rank maps the result."""
+        def create(path):
+            tensors = ((n, interleave_fc1(t, self.fc1_pairs) if n.endswith("linear_fc1.weight") else t)
+                       for n, t in iter_megatron_tensors(model_dir, self.args))
+            index = MasterWeights.write(path, tensors, self.dtype)
+            with open(path + ".json", "w") as f:
+                json.dump(index, f)
+
+        def open_(path):
+            with open(path + ".json") as f:
+                return MasterWeights.open(path, json.load(f))
+
+        return node_shared(job, "weights", create, open_)
+
+    def _load(self, model: CausalLM, non_blocking: bool = False) -> int:
+        return load_shards(model, self._shapes[id(model)], self.master.tensors(), non_blocking)
+
+    def activate(self, name: str, drain_kv) -> Optional[dict]:
+        """Switch to layout `name`: its process groups and its weight shards. KV needs no move:
+        between the phases it lives in the host tier; drain_kv() finishes the copies the old
+        layout started there, and the barrier orders one layout's writes before the other's
+        reads. Collective over the replica. Returns the transition's record, or None when `name`
+        shares the active layout's shards."""
+        old, self.active = self.active, name
+        if self.models[old] is self.models[name]:
+            return None
+        t0 = time.perf_counter()
+        fault_point("transition")
+        cuda = self.device.type == "cuda"
+        if cuda:  # the last step's kernels are done before their weights' memory is reused
+            torch.cuda.current_stream(self.device).synchronize()
+        release_weights(self.models[old])
+        if cuda:
+            # Shards DMA from the pinned master copy on a side stream while the KV offload
+            # drains below (opposite directions over PCIe).
+            with torch.cuda.stream(self._weight_stream):
+                weight_bytes = self._load(self.models[name], non_blocking=self.master.pinned)
+        else:  # views of the shared master copy: nothing moves
+            weight_bytes = self._load(self.models[name])
+        t1 = time.perf_counter()
+        drain_kv()
+        t2 = time.perf_counter()
+        if cuda:
+            self._weight_stream.synchronize()
+            torch.cuda.current_stream(self.device).wait_stream(self._weight_stream)
+        t3 = time.perf_counter()
+        dist.barrier(group=self.groups[name].pgs.mp)
+        t4 = time.perf_counter()
+        rec = {"from": old, "to": name, "weights_s": (t1 - t0) + (t3 - t2), "kv_drain_s": t2 - t1,
+               "barrier_s": t4 - t3, "weight_bytes_copied": weight_bytes, "total_s": t4 - t0, "at": time.time()}
+        self.transitions.append(rec)
+        return rec

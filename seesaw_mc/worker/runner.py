@@ -1,32 +1,34 @@
-"""ModelRunner: one rank's model shards (one per layout), its device KV memory, and the
-execution of a step: micro-batches through the pipeline stages, logits, sampling."""
+"""ModelRunner: one rank's side of a step. It takes the step's plan, makes the KV copies
+and the layout switch it asks for, runs the micro-batches through this rank's pipeline stage,
+samples on the last stage, and gives the leader the tokens.
+
+Start-up builds the pieces it drives: the two layouts' shards (worker/reshard.py), the KV
+tiers (worker/kv_tiers.py) and the TP all-reduce (parallel/deepspeed_ops.py)."""
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
-import uuid
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from seesaw_mc.config import Layout
-from seesaw_mc.errors import CapacityError
-from seesaw_mc.kv.host_tier import HostKVBuffer, unlink_quietly
-from seesaw_mc.kv.paged_cache import DeviceKVBuffer, bytes_per_block, device_kv_budget, host_kv_budget
+from seesaw_mc.core.scheduler import RunnerOutput
+from seesaw_mc.core.step_plan import StepPlan, num_microbatches
 from seesaw_mc.model.attention import AttnMetadata, decode_chunks, set_attn_metadata
+from seesaw_mc.model.hf_import import ModelArgs
 from seesaw_mc.model.kernels import select_kernels
-from seesaw_mc.model.hf_import import ModelArgs, iter_megatron_tensors
-from seesaw_mc.model.llama import CausalLM
 from seesaw_mc.parallel import megatron_adapter as mc
+from seesaw_mc.parallel.deepspeed_ops import start_tp_allreduce
 from seesaw_mc.parallel.procs import fault_point
-from seesaw_mc.reshard import MasterWeights, fc1_interleave_factor, interleave_fc1, shm_dir
 from seesaw_mc.sampling import Sampler
-from seesaw_mc.step_plan import num_microbatches
+from seesaw_mc.worker.device_cache import allocate_device_kv
+from seesaw_mc.worker.kv_tiers import KVTiers
+from seesaw_mc.worker.node_files import job_id
+from seesaw_mc.worker.reshard import Resharder
 
 log = logging.getLogger("seesaw_mc")
+
 
 def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
     """Contiguous micro-batches, balanced by tokens (prefill) or count (decode)."""
@@ -46,305 +48,63 @@ def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
     return out
 
 
+
 class ModelRunner:
     def __init__(self, config, args: ModelArgs, dtype: torch.dtype, max_model_len: int, layouts: Dict[str, Layout],
                  allreduce: str = "gloo"):
-        self.config = config
         self.args = args
-        self.dtype = dtype
         self.device = mc.default_device()
         self.block_size = config.cache.block_size
         self.rank = dist.get_rank()
-        self.local_rank = mc.local_rank(self.rank)
-        p2p_cfg = mc.transformer_config(args, dtype)
-        distinct = {str(lay): lay for lay in layouts.values()}
-        groups = mc.build_layout_groups(distinct, args.num_layers, p2p_cfg)
-        self.groups = {name: groups[str(lay)] for name, lay in layouts.items()}
-        self.shm_allreduce = None  # DeepSpeed's op once started (it counts its calls)
-        self.allreduce = self._start_allreduce(allreduce)
-        self.fc1_pairs = fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
-        self.kernels = select_kernels(config.kernels, self.device, dtype, args.hidden_size, args.rms_norm_eps,
-                                      log_once=self.rank == 0)
-        shards = {key: CausalLM(args, dtype, self.device, max_len=max_model_len, tp_group=g.tp_group,
-                                layer_start=g.layer_start, layer_end=g.layer_end, fc1_pairs=self.fc1_pairs,
-                                kernels=self.kernels)
-                  for key, g in groups.items()}
-        self.models = {name: shards[str(lay)] for name, lay in layouts.items()}
-        first = self.groups["prefill"]
+        kernels = select_kernels(config.kernels, self.device, dtype, args.hidden_size, args.rms_norm_eps,
+                                 log_once=self.rank == 0)
+        job = job_id()
+        self.weights = Resharder(config, args, dtype, self.device, max_model_len, layouts, job, kernels)
+        self.allreduce, self.shm_allreduce = start_tp_allreduce(allreduce)
+        first = self.weights.groups["prefill"]
         self.replica_group = first.pgs.mp
         self.leader_rank = first.dp_rank * first.layout.tp * first.layout.pp
         self.is_leader = self.rank == self.leader_rank
         self.replica_size = first.layout.tp * first.layout.pp
-        self._job = self._job_id()
-        self.master = self._open_master()
-        self._weight_stream = None
-        if self.device.type == "cuda":
-            self.master.pin()  # page-locked: transitions copy shards asynchronously
-            self._weight_stream = torch.cuda.Stream(self.device)
         # Weights first: on CUDA the KV budget is what is free once they are loaded.
-        self.models["prefill"].load_full_tensors(self.master.tensors())
-        self.active = "prefill"
-        self.num_blocks, self.kv_buffer = self._allocate_kv(max_model_len)
-        self.kv_views = {}
-        for name, g in self.groups.items():
-            views = self.kv_buffer.views(g.layer_end - g.layer_start, self.num_blocks, self.block_size,
-                                         args.num_kv_heads // g.layout.tp, args.head_dim, dtype)
-            self.kv_views[name] = views
-            for layer, kv in zip(self.models[name].decoder.layers, views.layers):
-                layer.self_attention.kv_cache = kv
-        self.switching = len(distinct) > 1
-        self.num_host_blocks = 0
-        self.host_kv = self._open_host_kv() if self.switching else None
-        # CUDA: KV crosses PCIe through a pinned staging buffer on a side stream (kv/host_tier.py);
-        # on CPU both tiers are RAM and copies go direct.
-        self.stager = None
-        if self.switching and self.device.type == "cuda":
-            from seesaw_mc.kv.host_tier import Stager
-
-            self.stager = Stager(self.device, dtype)
-        self._copier = None
-        self._pending: list = []  # (kind, future) of background KV copies, oldest first
-        self.swap_stats = {k: 0.0 for k in ("offload_s", "offload_wait_s", "prefetch_s", "prefetch_wait_s",
-                                            "swap_in_s", "swap_out_s")}
-        self.swap_stats.update({f"{k}_blocks": 0 for k in ("offload", "prefetch", "swap_in", "swap_out")})
+        num_blocks, buffer = allocate_device_kv(config, args, self.weights.groups, dtype, self.device, max_model_len)
+        self.kv = KVTiers(config, args, dtype, self.device, self.weights.groups, self.weights.models, num_blocks,
+                          buffer, job, mc.local_world_size(dist.get_world_size()))
         self.sampler = Sampler()
-        self.transitions: List[dict] = []
 
-    # -- start-up -----------------------------------------------------------------------
-    def _job_id(self) -> str:
-        obj = [uuid.uuid4().hex[:12] if self.rank == 0 else None]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(obj, src=0)
-        return obj[0]
+    # What the engine, the benchmarks and the tests read of a rank.
+    @property
+    def models(self):
+        return self.weights.models
 
-    def _start_allreduce(self, backend: str) -> str:
-        """Set up the TP all-reduce chosen by check_layouts. If DeepSpeed's shm op cannot load
-        on some rank, every rank falls back to gloo (one warning line)."""
-        if backend != "deepspeed-shm":
-            mc.set_tp_allreduce(None, dist.get_world_size())
-            return backend
-        from seesaw_mc.parallel import deepspeed_ops
+    @property
+    def groups(self):
+        return self.weights.groups
 
-        module, why = deepspeed_ops.load_shm_op()
-        ok = torch.tensor([1 if module is not None else 0], dtype=torch.long)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank must agree before the op's set-up
-        if not ok.item():
-            if self.rank == 0:
-                log.warning("DeepSpeed's shm all-reduce is unavailable (%s); TP all-reduce uses gloo",
-                            why or "it did not load on another rank")
-            mc.set_tp_allreduce(None, dist.get_world_size())
-            return "gloo"
-        world = dist.get_world_size()
-        reduce = deepspeed_ops.start_shm_allreduce(module, world, self.rank, dist.barrier)
-        mc.set_tp_allreduce(reduce, world)
-        self.shm_allreduce = reduce
-        return backend
+    @property
+    def kv_views(self):
+        return self.kv.views
 
-    def _node_barrier(self) -> None:
-        if dist.get_world_size() > 1:
-            dist.barrier()
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
 
-    def _node_shared(self, kind: str, create, open_):
-        """A file in /dev/shm shared by the ranks of a node: local rank 0 runs create(path),
-        then every rank open_(path). It is unlinked as soon as every rank has mapped it, so
-        nothing is left behind in /dev/shm, even after a crash."""
-        path = os.path.join(shm_dir(), f"seesaw-{self._job}-{kind}-{mc.node_rank()}")
-        try:
-            if self.local_rank == 0:
-                create(path)
-            self._node_barrier()
-            obj = open_(path)
-            self._node_barrier()
-        finally:
-            if self.local_rank == 0:
-                unlink_quietly(path)
-                unlink_quietly(path + ".json")
-        return obj
+    @property
+    def num_host_blocks(self) -> int:
+        return self.kv.num_host_blocks
 
-    def _open_master(self) -> MasterWeights:
-        """Local rank 0 converts the checkpoint once per node; every rank maps the result."""
-        def create(path):
-            tensors = ((n, interleave_fc1(t, self.fc1_pairs) if n.endswith("linear_fc1.weight") else t)
-                       for n, t in iter_megatron_tensors(self.config.model, self.args))
-            index = MasterWeights.write(path, tensors, self.dtype)
-            with open(path + ".json", "w") as f:
-                json.dump(index, f)
+    @property
+    def switching(self) -> bool:
+        return self.weights.switching
 
-        def open_(path):
-            with open(path + ".json") as f:
-                return MasterWeights.open(path, json.load(f))
+    @property
+    def transitions(self) -> List[dict]:
+        return self.weights.transitions
 
-        return self._node_shared("weights", create, open_)
-
-    def _allocate_kv(self, max_model_len: int) -> Tuple[int, DeviceKVBuffer]:
-        c = self.config.cache
-        per_block = {n: bytes_per_block(g.layer_end - g.layer_start, self.block_size,
-                                        self.args.num_kv_heads // g.layout.tp, self.args.head_dim, self.dtype)
-                     for n, g in self.groups.items()}
-        if c.num_device_blocks is not None:
-            n = c.num_device_blocks
-        else:
-            from seesaw_mc.planner import ModelShape
-
-            shape = ModelShape.from_model_args(self.args, self.dtype.itemsize)
-            budget = device_kv_budget(c, self.device, max(shape.shard_bytes(g.layout) for g in self.groups.values()))
-            most = self.config.scheduler.max_num_seqs * (-(-max_model_len // self.block_size))
-            n = min(min(budget // b for b in per_block.values()), most)
-            if dist.get_world_size() > 1:
-                t = torch.tensor([n], dtype=torch.long)
-                dist.all_reduce(t, op=dist.ReduceOp.MIN)
-                n = int(t.item())
-            if n < 1:
-                raise CapacityError(f"KV cache budget of {budget} bytes holds no {self.block_size}-token block "
-                                    f"({max(per_block.values())} bytes each); raise kv_cache_memory_bytes")
-        return n, DeviceKVBuffer(n * max(per_block.values()), self.device)
-
-    def _host_blocks(self) -> int:
-        """Host tier size: exact, or a byte budget per node split among its DP replicas."""
-        c = self.config.cache
-        lay = self.groups["prefill"].layout
-        if c.num_host_blocks is not None:
-            return c.num_host_blocks
-        per_block = bytes_per_block(self.args.num_layers, self.block_size, self.args.num_kv_heads,
-                                    self.args.head_dim, self.dtype)
-        local = mc.local_world_size(dist.get_world_size())
-        replicas_here = max(1, min(lay.dp, local // (lay.tp * lay.pp)))
-        return max(1, host_kv_budget(c) // replicas_here // per_block)
-
-    def _open_host_kv(self) -> HostKVBuffer:
-        g = self.groups["prefill"]
-        self.num_host_blocks = self._host_blocks()
-        shape = HostKVBuffer.shape(g.layout.dp, self.args.num_layers, self.args.num_kv_heads, self.num_host_blocks,
-                                   self.block_size, self.args.head_dim)
-        return self._node_shared(
-            "kv", lambda path: HostKVBuffer.open(path, shape, self.dtype, 0, create=True),
-            lambda path: HostKVBuffer.open(path, shape, self.dtype, g.dp_rank, create=False))
-
-    # -- the host tier ----------------------------------------------------------------------
-    def _kv_slice(self):
-        g = self.groups[self.active]
-        views = self.kv_views[self.active]
-        return views, g.layer_start, g.tp_rank * views.num_kv_heads
-
-    def swap_out(self, pairs) -> None:
-        """Device -> host tier for (device_block, host_block) pairs, in the active layout."""
-        if pairs:
-            self.drain_copies()
-            t = time.perf_counter()
-            self._begin_staged()
-            self.host_kv.copy_out(*self._kv_slice(), pairs, stager=self.stager)
-            self.swap_stats["swap_out_s"] += time.perf_counter() - t
-            self.swap_stats["swap_out_blocks"] += len(pairs)
-
-    def swap_in(self, pairs) -> None:
-        """Host tier -> device for (device_block, host_block) pairs, in the active layout, now."""
-        if pairs:
-            self.drain_copies()
-            t = time.perf_counter()
-            self._begin_staged()
-            self.host_kv.copy_in(*self._kv_slice(), pairs, stager=self.stager)
-            self.swap_stats["swap_in_s"] += time.perf_counter() - t
-            self.swap_stats["swap_in_blocks"] += len(pairs)
-
-    def offload_async(self, pairs) -> None:
-        """Prefill's KV -> host tier on a background thread, overlapping the next prefill step.
-        NOTE: the scheduler keeps these device blocks allocated for one more step
-        (SeesawScheduler.after_prefill), so the next step never writes into them."""
-        self._background("offload", self.host_kv.copy_out if pairs else None, pairs)
-
-    def prefetch_async(self, pairs) -> None:
-        """Host tier -> device on a background thread while this decode step computes. The
-        blocks belong to sequences outside this step's batch; the next step waits for the
-        copy (drain_copies) before it computes or copies anything else."""
-        self._background("prefetch", self.host_kv.copy_in if pairs else None, pairs)
-
-    def _background(self, kind: str, copy, pairs) -> None:
-        if not pairs:
-            return
-        if self._copier is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-kv-copy")
-        views = self._kv_slice()
-        self._begin_staged()  # on CUDA the side stream starts after the compute issued so far
-
-        def run():
-            t = time.perf_counter()
-            copy(*views, pairs, stager=self.stager)
-            return time.perf_counter() - t
-
-        self._pending.append((kind, self._copier.submit(run)))
-        self.swap_stats[f"{kind}_blocks"] += len(pairs)
-
-    def _begin_staged(self) -> None:
-        if self.stager is not None:
-            self.stager.begin()
-
-    def drain_copies(self, keep: int = 0) -> None:
-        """Wait for background copies, all but the newest `keep`."""
-        while len(self._pending) > keep:
-            kind, fut = self._pending.pop(0)
-            t = time.perf_counter()
-            self.swap_stats[f"{kind}_s"] += fut.result()
-            self.swap_stats[f"{kind}_wait_s"] += time.perf_counter() - t
-
-    def swap_summary(self, since: Optional[dict] = None) -> dict:
-        """Copy times and bytes between the tiers (since an earlier summary) and how much of
-        the time compute hid: background copies count as hidden except for the time a step
-        waited for them; copies made before a step (swap-outs, the first swap-in of a decode
-        phase) are not hidden."""
-        self.drain_copies()
-        hk = self.host_kv
-        st = dict(self.swap_stats, bytes_to_host=hk.bytes_out if hk else 0, bytes_from_host=hk.bytes_in if hk else 0)
-        if since:
-            st = {k: v - since[k] for k, v in st.items()}
-        background = st["offload_s"] + st["prefetch_s"]
-        exposed = st["offload_wait_s"] + st["prefetch_wait_s"] + st["swap_in_s"] + st["swap_out_s"]
-        total = background + st["swap_in_s"] + st["swap_out_s"]
-        st["swap_hidden"] = 1 - exposed / total if total else None
-        st["offload_hidden"] = 1 - st["offload_wait_s"] / st["offload_s"] if st["offload_s"] else None
-        st["prefetch_hidden"] = 1 - st["prefetch_wait_s"] / st["prefetch_s"] if st["prefetch_s"] else None
-        return st
-
-    # -- transitions ------------------------------------------------------------------------
     def activate(self, name: str) -> Optional[dict]:
-        """Switch to layout `name`: its process groups and its weight shards. KV needs no move:
-        between the phases it lives in the host tier; the barrier orders one layout's writes
-        there before the other layout's reads. Collective over the replica. Returns the
-        transition's record, or None when `name` shares the active layout's shards."""
-        old = self.active
-        self.active = name
-        if self.models[old] is self.models[name]:
-            return None
-        t0 = time.perf_counter()
-        t_groups = time.perf_counter() - t0  # groups were built at start-up: a pointer swap
-        fault_point("transition")
-        t1 = time.perf_counter()
-        cuda = self.device.type == "cuda"
-        if cuda:  # the last step's kernels are done before their weights' memory is reused
-            torch.cuda.current_stream(self.device).synchronize()
-        self.models[old].release_weights()
-        if cuda:
-            # Shards DMA from the pinned master copy on a side stream while the KV offload
-            # drains below (opposite directions over PCIe).
-            with torch.cuda.stream(self._weight_stream):
-                weight_bytes = self.models[name].load_full_tensors(self.master.tensors(),
-                                                                   non_blocking=self.master.pinned)
-        else:  # views of the shared master copy: nothing moves
-            weight_bytes = self.models[name].load_full_tensors(self.master.tensors())
-        t2 = time.perf_counter()
-        self.drain_copies()  # the other layout reads what this one wrote
-        t3 = time.perf_counter()
-        if cuda:
-            self._weight_stream.synchronize()
-            torch.cuda.current_stream(self.device).wait_stream(self._weight_stream)
-        t4 = time.perf_counter()
-        dist.barrier(group=self.replica_group)
-        t5 = time.perf_counter()
-        rec = {"from": old, "to": name, "groups_s": t_groups, "weights_s": (t2 - t1) + (t4 - t3),
-               "kv_drain_s": t3 - t2, "barrier_s": t5 - t4, "weight_bytes_copied": weight_bytes,
-               "total_s": t5 - t0, "at": time.time()}
-        self.transitions.append(rec)
+        """Switch layouts; the old layout's copies to the host tier finish first."""
+        rec = self.weights.activate(name, drain_kv=self.kv.wait_all)
+        self.kv.layout = name
         return rec
 
     # -- one step ---------------------------------------------------------------------------
@@ -371,24 +131,24 @@ class ModelRunner:
         return torch.tensor(ids, device=dev), meta
 
     @torch.inference_mode()
-    def execute(self, is_prefill: bool, seqs, swap_out=(), swap_in=(), offload=(), prefetch=(),
-                wait_copies: bool = False) -> Optional[tuple]:
-        """Swap KV as told, run one phase over `seqs` in the active layout while prefetching
-        the next step's sequences, offload prefilled KV to the host tier. The leader gets
-        (tokens, logprobs); other ranks get None."""
-        self.swap_out(swap_out)
-        self.swap_in(swap_in)
-        # Overlap: a prefill step may run while the previous step's offload copies (unless it
-        # reuses their blocks); anything else waits for every copy (the blocks it frees may be
-        # reused now, and prefetched sequences join this batch).
-        self.drain_copies(keep=1 if is_prefill and not wait_copies else 0)
-        self.prefetch_async(prefetch)
+    def execute(self, plan: StepPlan, seqs) -> Optional[RunnerOutput]:
+        """One step as planned: finish the copies it waits for, swap KV out (in the layout
+        that wrote it), switch layouts if the step's phase runs in another, swap KV in, run the
+        phase over `seqs` while prefetching, then offload prefilled KV to the host tier. The
+        leader gets the sampled tokens; other ranks get None."""
+        self.kv.wait(plan.wait_for)
+        self.kv.swap_out(plan.swap_out)
+        if plan.kind != self.weights.active:  # layouts are named after the phase they run
+            self.activate(plan.kind)
+        self.kv.swap_in(plan.swap_in)
+        self.kv.prefetch(plan.prefetch, plan.prefetch_ticket)
         if not seqs:
-            return ([], []) if self.is_leader else None
+            return RunnerOutput([], []) if self.is_leader else None
+        is_prefill = plan.kind == "prefill"
         if is_prefill:
             fault_point("prefill")
-        g = self.groups[self.active]
-        model = self.models[self.active]
+        g = self.groups[self.weights.active]
+        model = self.models[self.weights.active]
         order = None
         if not is_prefill and len(seqs) > 1:
             order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -397,7 +157,7 @@ class ModelRunner:
         # megatron-core's TP collectives allocate on torch.cuda.current_device().
         with mc.cpu_device_shim():
             self._run_microbatches(is_prefill, seqs, g, model, results)
-        self.offload_async(offload)
+        self.kv.offload(plan.offload, plan.offload_ticket)
         out = None
         if results:
             toks = [t for r in results for t in r[0]]
@@ -407,7 +167,7 @@ class ModelRunner:
                 for j, i in enumerate(order):
                     toks_o[i], lps_o[i] = toks[j], lps[j]
                 toks, lps = toks_o, lps_o
-            out = (toks, lps)
+            out = RunnerOutput(toks, lps)
         sampler = g.sampler_rank
         if sampler != self.leader_rank:
             if self.rank == sampler:
