@@ -24,10 +24,6 @@ class AttnMetadata:
     """[T] flat cache slot each token's K/V is written to."""
     cu_seqlens: Optional[List[int]] = None
     """Prefill: token offsets of each sequence in the packed batch (len B+1)."""
-    block_tables: Optional[torch.Tensor] = None
-    """Decode: [B, max_blocks] block ids, padded with 0."""
-    context_lens: Optional[torch.Tensor] = None
-    """Decode: [B] tokens each sequence attends to (this step's token included)."""
     logits_indices: Optional[torch.Tensor] = None
     """Rows of the final hidden state whose logits are needed (last token of each sequence)."""
     decode_chunks: Optional[List[tuple]] = None
