@@ -15,7 +15,7 @@ import torch
 from seesaw_mc.config import EngineConfig
 from seesaw_mc.errors import CapacityError, ConfigError, InputError, ModelError, SeesawError
 from seesaw_mc.kv.block_manager import BlockManager
-from seesaw_mc.model.hf_import import ModelArgs, load_model_args
+from seesaw_mc.model_spec import ModelArgs, ModelShape, load_model_args
 from seesaw_mc.outputs import CompletionOutput, RequestOutput
 from seesaw_mc.sampling import step_seed
 from seesaw_mc.sampling_params import SamplingParams
@@ -121,7 +121,6 @@ def check_layouts(config: EngineConfig, args: ModelArgs) -> str:
             raise ConfigError(f"{role} layout {lay}: pp={lay.pp} exceeds the model's {args.num_layers} layers")
     from seesaw_mc.parallel.deepspeed_ops import choose_allreduce
     from seesaw_mc.parallel.megatron_adapter import HAS_CUDA, local_world_size
-    from seesaw_mc.planner import ModelShape
 
     cap = config.cache.device_capacity_bytes
     if cap is not None:

@@ -15,14 +15,16 @@ import torch.distributed as dist
 from seesaw_mc.config import Layout
 from seesaw_mc.errors import CapacityError
 from seesaw_mc.kv.host_tier import HostKVBuffer, unlink_quietly
-from seesaw_mc.kv.paged_cache import DeviceKVBuffer, bytes_per_block, device_kv_budget, host_kv_budget
+from seesaw_mc.kv.paged_cache import DeviceKVBuffer, device_kv_budget, host_kv_budget
 from seesaw_mc.model.attention import AttnMetadata, decode_chunks, set_attn_metadata
 from seesaw_mc.model.kernels import select_kernels
-from seesaw_mc.model.hf_import import ModelArgs, iter_megatron_tensors
+from seesaw_mc.model.hf_import import iter_megatron_tensors
 from seesaw_mc.model.llama import CausalLM
+from seesaw_mc.model.sharding import fc1_interleave_factor, interleave_fc1
+from seesaw_mc.model_spec import ModelArgs, ModelShape, kv_bytes
 from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.parallel.procs import fault_point
-from seesaw_mc.reshard import MasterWeights, fc1_interleave_factor, interleave_fc1, shm_dir
+from seesaw_mc.reshard import MasterWeights, shm_dir
 from seesaw_mc.sampling import Sampler
 from seesaw_mc.step_plan import num_microbatches
 
@@ -178,14 +180,12 @@ class ModelRunner:
 
     def _allocate_kv(self, max_model_len: int) -> Tuple[int, DeviceKVBuffer]:
         c = self.config.cache
-        per_block = {n: bytes_per_block(g.layer_end - g.layer_start, self.block_size,
-                                        self.args.num_kv_heads // g.layout.tp, self.args.head_dim, self.dtype)
+        per_block = {n: kv_bytes(g.layer_end - g.layer_start, self.block_size,
+                                 self.args.num_kv_heads // g.layout.tp, self.args.head_dim, self.dtype.itemsize)
                      for n, g in self.groups.items()}
         if c.num_device_blocks is not None:
             n = c.num_device_blocks
         else:
-            from seesaw_mc.planner import ModelShape
-
             shape = ModelShape.from_model_args(self.args, self.dtype.itemsize)
             budget = device_kv_budget(c, self.device, max(shape.shard_bytes(g.layout) for g in self.groups.values()))
             most = self.config.scheduler.max_num_seqs * (-(-max_model_len // self.block_size))
@@ -205,8 +205,8 @@ class ModelRunner:
         lay = self.groups["prefill"].layout
         if c.num_host_blocks is not None:
             return c.num_host_blocks
-        per_block = bytes_per_block(self.args.num_layers, self.block_size, self.args.num_kv_heads,
-                                    self.args.head_dim, self.dtype)
+        per_block = kv_bytes(self.args.num_layers, self.block_size, self.args.num_kv_heads,
+                             self.args.head_dim, self.dtype.itemsize)
         local = mc.local_world_size(dist.get_world_size())
         replicas_here = max(1, min(lay.dp, local // (lay.tp * lay.pp)))
         return max(1, host_kv_budget(c) // replicas_here // per_block)

@@ -11,10 +11,6 @@ import torch
 _GiB = 1 << 30
 
 
-def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
-
-
 def available_host_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
