@@ -44,7 +44,7 @@ def read_legacy(path: str, expect_tp: Optional[int] = None, expect_pp: Optional[
     files = _legacy_rank_dirs(d, tp, pp)
     tensors: Dict[str, torch.Tensor] = {}
     layer_offset = 0
-    for stage, row in enumerate(files):
+    for row in files:
         per_rank = []
         for f in row:
             sd = head if f == os.path.join(d, first[0], LEGACY_FILE) else load_pt(f)
