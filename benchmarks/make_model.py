@@ -6,7 +6,7 @@
 llama-57m        8 layers, hidden 512, 8/4 heads, vocab 32000 (the default CPU benchmark model).
 llama-wide-222m  4 layers, hidden 2048, 16/8 heads, ffn 5632, vocab 8192. For the rate-limited test bed:
                  what decides Seesaw's regime is the ratio of all-reduce bytes to FLOPs (hidden/dtype
-                 bytes, see seesaw_mc/planner.py) and of per-layer time to all-reduce latency; a wide,
+                 bytes, see seesaw_mc/planner/) and of per-layer time to all-reduce latency; a wide,
                  shallow model keeps both nearer a 13B-class model on PCIe GPUs than a narrow, deep one.
 """
 from __future__ import annotations

@@ -79,12 +79,13 @@ def build(ckpt: str, tp: int, pp: int, max_batch_size: int, max_seq_len: int):
     from megatron.core.inference.text_generation_controllers.text_generation_controller import \
         TextGenerationController
 
-    from seesaw_mc.checkpoints import megatron as mg
+    from seesaw_mc.checkpoints.detect import iteration_dir
+    from seesaw_mc.checkpoints.megatron_args import load_pt, model_args_from_megatron
     from seesaw_mc.parallel import megatron_adapter as mc
 
     mc.init_distributed()
-    d = mg.iteration_dir(ckpt)
-    args, _, _ = mg.model_args_from_megatron(mg._torch_load(os.path.join(d, "common.pt"))["args"], d)
+    d = iteration_dir(ckpt)
+    args, _, _ = model_args_from_megatron(load_pt(os.path.join(d, "common.pt"))["args"], d)
     mc.init_megatron_parallel(tp, pp)
     model = mc.megatron_gpt_model(args)
     with cpu_shims():

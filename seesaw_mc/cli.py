@@ -264,7 +264,7 @@ def cmd_generate(a) -> int:
     from seesaw_mc.batch_output import AppendWriter, line_key, request_key, scan_for_resume
     from seesaw_mc.preflight import check_prompt, context_limit, load_tokenizer
     from seesaw_mc.inputs import InvalidLine, error_record, output_record, raise_invalid
-    from seesaw_mc.model.hf_import import load_model_args
+    from seesaw_mc.model_spec import load_model_args
 
     # Tokenize and check every prompt against the model's config before loading its weights,
     # so that the whole input is refused (or its bad lines set aside) up front.

@@ -18,7 +18,7 @@ from seesaw_mc.core.seesaw_policy import SeesawScheduler
 from seesaw_mc.core.sequence import Sequence
 from seesaw_mc.core.step_plan import PlanBuilder, SequenceMirror, StepPlan
 from seesaw_mc.errors import CapacityError, InputError, SeesawError
-from seesaw_mc.model.hf_import import load_model_args
+from seesaw_mc.model_spec import load_model_args
 from seesaw_mc.outputs import RequestOutput, StopRules, completion_output
 from seesaw_mc.preflight import check_layouts, check_prompt, context_limit, load_tokenizer, resolve_dtype
 from seesaw_mc.sampling import step_seed

@@ -11,7 +11,7 @@ import torch
 
 from seesaw_mc.config import EngineConfig
 from seesaw_mc.errors import ConfigError, InputError, ModelError
-from seesaw_mc.model.hf_import import ModelArgs
+from seesaw_mc.model_spec import ModelArgs, ModelShape
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -72,7 +72,6 @@ def check_layouts(config: EngineConfig, args: ModelArgs) -> str:
             raise ConfigError(f"{role} layout {lay}: pp={lay.pp} exceeds the model's {args.num_layers} layers")
     from seesaw_mc.parallel.deepspeed_ops import choose_allreduce
     from seesaw_mc.parallel.megatron_adapter import HAS_CUDA, local_world_size
-    from seesaw_mc.planner import ModelShape
 
     cap = config.cache.device_capacity_bytes
     if cap is not None:

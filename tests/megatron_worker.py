@@ -18,13 +18,14 @@ def load_gpt(src, tp, pp):
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from seesaw_mc.checkpoints import megatron as mg
+    from seesaw_mc.checkpoints.detect import iteration_dir
+    from seesaw_mc.checkpoints.megatron_args import load_pt, model_args_from_megatron
     from seesaw_mc.parallel import megatron_adapter as mc
 
     mc.init_distributed()
-    d = mg.iteration_dir(src)
-    common = mg._torch_load(os.path.join(d, "common.pt"))
-    args, _, _ = mg.model_args_from_megatron(common["args"], d)
+    d = iteration_dir(src)
+    common = load_pt(os.path.join(d, "common.pt"))
+    args, _, _ = model_args_from_megatron(common["args"], d)
     mc.init_megatron_parallel(tp, pp)
     model = mc.megatron_gpt_model(args)
     with mc.cpu_device_shim():
@@ -51,10 +52,11 @@ def main():
     args, model, dist = load_gpt(src, tp, pp)
     from megatron.core import parallel_state
 
-    from seesaw_mc.checkpoints import megatron as mg
+    from seesaw_mc.checkpoints.megatron_args import args_namespace
+    from seesaw_mc.checkpoints.torch_dist import save_megatron
 
     if mode == "dist":
-        mg.save_megatron(dst, model, args, iteration=7, tp=tp, pp=pp)
+        save_megatron(dst, model, args, iteration=7, tp=tp, pp=pp)
         return
     # legacy: what Megatron-LM's save_checkpoint writes per rank (no optimizer here), rng state included
     t, p = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
@@ -63,7 +65,7 @@ def main():
     os.makedirs(d, exist_ok=True)
     rng = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
            "torch_rng_state": torch.get_rng_state()}
-    torch.save({"model": model.state_dict(), "args": mg.args_namespace(args, tp, pp), "checkpoint_version": 3.0,
+    torch.save({"model": model.state_dict(), "args": args_namespace(args, tp, pp), "checkpoint_version": 3.0,
                 "iteration": 3, "rng_state": [rng]}, os.path.join(d, "model_optim_rng.pt"))
     dist.barrier()
     if dist.get_rank() == 0:

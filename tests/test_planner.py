@@ -9,6 +9,7 @@ import pytest
 from seesaw_mc import planner
 from seesaw_mc.config import Layout
 from seesaw_mc.errors import ConfigError
+from seesaw_mc.model_spec import ModelShape
 from seesaw_mc.planner import HARDWARE_PRESETS as HW
 from seesaw_mc.planner import MODEL_PRESETS as MODELS
 
@@ -35,7 +36,7 @@ def test_shape_from_hf_config_counts_like_transformers(tiny_models):
 
 
 def test_candidate_layouts_follow_the_engine_rules():
-    smol = planner.ModelShape("smol", 30, 576, 1536, 9, 3, 49152)
+    smol = ModelShape("smol", 30, 576, 1536, 9, 3, 49152)
     lays = planner.candidate_layouts(3, smol)
     assert set(map(str, lays)) == {"tp1pp3", "tp3pp1", "dp3tp1pp1"}  # 9/3 heads: no tp2 anywhere
     assert all(lay.world_size == 8 for lay in planner.candidate_layouts(8, MODELS["LLaMA2-70B"]))
@@ -88,7 +89,7 @@ def test_nvlink_leaves_little_to_gain():
 
 
 def test_decode_simulation_counts_every_step():
-    m = planner.ModelShape("toy", 4, 256, 512, 4, 4, 1000)
+    m = ModelShape("toy", 4, 256, 512, 4, 4, 1000)
     cm = planner.CostModel(m, HW["A10"], 1)
     lay = Layout()
     same = planner.Workload("same", ((10, 7),) * 6)
@@ -219,13 +220,13 @@ def test_emulated_device_refuses_shards_that_do_not_fit(tiny_models, tmp_path, m
     import torch
 
     from seesaw_mc.config import EngineConfig
+    from seesaw_mc.model_spec import load_model_args
     from seesaw_mc.preflight import check_layouts
     from seesaw_mc.worker.device_cache import device_kv_budget
-    from seesaw_mc.model.hf_import import load_model_args
 
     model = tiny_models["llama"]
     args = load_model_args(model)
-    shape = planner.ModelShape.from_model_args(args, 4)
+    shape = ModelShape.from_model_args(args, 4)
     whole, half = shape.shard_bytes(Layout()), shape.shard_bytes(Layout(tp=2))
     assert half < whole and shape.shard_bytes(Layout(pp=5)) < whole
     cap = int((whole + half) / 2 / 0.9)  # holds a TP2 shard, not the whole model

@@ -13,7 +13,7 @@ the matmul rate measured on the spot and the model's shape: a narrow model (more
 per FLOP) needs a faster link than a wide one to sit in the same regime.
 Every run is a real `seesaw-mc generate` job (torchrun multi-node, gloo over the limited link) on
 the same synthetic requests; min/median/max over --repeats runs. The planner
-(seesaw_mc/planner.py) ranks the same layouts for each rate, and the table says how many of its
+(seesaw_mc/planner/) ranks the same layouts for each rate, and the table says how many of its
 top 3 are the measured top 3.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ sys.path.insert(0, ROOT)
 import netns  # noqa: E402
 from seesaw_mc import planner  # noqa: E402
 from seesaw_mc.config import Layout  # noqa: E402
+from seesaw_mc.model_spec import ModelShape  # noqa: E402
 from seesaw_mc.workloads import make_workload  # noqa: E402
 
 A10 = planner.HARDWARE_PRESETS["A10"]
@@ -43,7 +44,7 @@ PAPER_MODEL = planner.MODEL_PRESETS["LLaMA3-15B"]
 TESTBED_LATENCY_S = 2.5e-4  # one gloo hop over the veth pair and bridge (2-rank 4 KB all-reduce ~0.5 ms)
 
 
-def ar_bytes_per_flop(m: planner.ModelShape) -> float:
+def ar_bytes_per_flop(m: ModelShape) -> float:
     return m.hidden * m.dtype_bytes / m.layer_params
 
 

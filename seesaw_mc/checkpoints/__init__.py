@@ -2,35 +2,52 @@
 
     seesaw-mc convert --input MEGATRON_DIR --output HF_DIR --tokenizer TOKENIZER_DIR
     seesaw-mc convert --input HF_DIR --output MEGATRON_DIR          # torch_dist, loadable at any TP/PP
+
+detect.py finds the format, megatron_args.py reads the saved hyper-parameters, legacy.py and
+torch_dist.py the tensors; hf_export.py writes the HF folder.
 """
 from __future__ import annotations
 
 import os
 from typing import Optional
 
+from seesaw_mc.checkpoints.detect import ITER_FILE, detect_format
 from seesaw_mc.errors import ModelError
+
+
+def read_megatron(path: str, expect_tp: Optional[int] = None, expect_pp: Optional[int] = None):
+    """-> (ModelArgs, {megatron name: full tensor}) of a Megatron checkpoint of either format."""
+    fmt = detect_format(path)
+    if fmt is None:
+        raise ModelError(f"{path}: not a Megatron checkpoint (no {ITER_FILE}, mp_rank_* folders or "
+                         f"torch_dist metadata.json)")
+    if fmt == "legacy":
+        from seesaw_mc.checkpoints.legacy import read_legacy as reader
+    else:
+        from seesaw_mc.checkpoints.torch_dist import read_torch_dist as reader
+    return reader(path, expect_tp, expect_pp)
 
 
 def convert(src: str, out: str, tokenizer: Optional[str] = None, tp: Optional[int] = None,
             pp: Optional[int] = None) -> str:
     """Megatron checkpoint -> HF folder, or HF folder -> Megatron torch_dist. Returns what was written."""
-    from seesaw_mc.checkpoints import megatron
-
     if os.path.exists(out) and os.listdir(out):
         raise ModelError(f"output folder {out!r} exists and is not empty")
-    if megatron.detect_format(src) is not None:
+    if detect_format(src) is not None:
         from seesaw_mc.checkpoints.hf_export import write_hf
 
-        args, tensors = megatron.read_checkpoint(src, tp, pp)
+        args, tensors = read_megatron(src, tp, pp)
         write_hf(out, args, tensors, tokenizer)
         return "hf"
     if os.path.exists(os.path.join(src, "config.json")):
         if tp is not None or pp is not None:
             raise ModelError("--tp/--pp describe a Megatron input; an HF folder has no parallel layout")
-        from seesaw_mc.model.hf_import import iter_megatron_tensors, load_model_args
+        from seesaw_mc.checkpoints.torch_dist import write_torch_dist
+        from seesaw_mc.model.hf_import import iter_megatron_tensors
+        from seesaw_mc.model_spec import load_model_args
 
         args = load_model_args(src)
-        megatron.write_torch_dist(out, args, iter_megatron_tensors(src, args))
+        write_torch_dist(out, args, iter_megatron_tensors(src, args))
         return "megatron"
     if not os.path.isdir(src):
         raise ModelError(f"input folder {src!r} does not exist")

@@ -10,7 +10,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from seesaw_mc.errors import ModelError
-from seesaw_mc.model.hf_import import ModelArgs
+from seesaw_mc.model_spec import ModelArgs, hf_sources, megatron_tensor_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
@@ -27,26 +27,16 @@ def unpack_qkv(t: torch.Tensor, args: ModelArgs) -> Tuple[torch.Tensor, torch.Te
 
 
 def hf_tensors(tensors: Dict[str, torch.Tensor], args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
-    yield "model.embed_tokens.weight", tensors["embedding.word_embeddings.weight"]
-    for i in range(args.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        yield dst + "input_layernorm.weight", tensors[src + "input_layernorm.weight"]
-        q, k, v = unpack_qkv(tensors[src + "self_attention.linear_qkv.weight"], args)
-        yield from ((dst + "self_attn.q_proj.weight", q), (dst + "self_attn.k_proj.weight", k),
-                    (dst + "self_attn.v_proj.weight", v))
-        if args.qkv_bias:
-            q, k, v = unpack_qkv(tensors[src + "self_attention.linear_qkv.bias"], args)
-            yield from ((dst + "self_attn.q_proj.bias", q), (dst + "self_attn.k_proj.bias", k),
-                        (dst + "self_attn.v_proj.bias", v))
-        yield dst + "self_attn.o_proj.weight", tensors[src + "self_attention.linear_proj.weight"]
-        yield dst + "post_attention_layernorm.weight", tensors[src + "pre_mlp_layernorm.weight"]
-        gate, up = tensors[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        yield dst + "mlp.gate_proj.weight", gate.contiguous()
-        yield dst + "mlp.up_proj.weight", up.contiguous()
-        yield dst + "mlp.down_proj.weight", tensors[src + "mlp.linear_fc2.weight"]
-    yield "model.norm.weight", tensors["decoder.final_layernorm.weight"]
-    if not args.tie_word_embeddings:
-        yield "lm_head.weight", tensors["output_layer.weight"]
+    for name, shape in megatron_tensor_shapes(args).items():
+        t = tensors[name]
+        if ".linear_qkv." in name:
+            parts = unpack_qkv(t, args)
+        elif name.endswith("linear_fc1.weight"):
+            parts = tuple(half.contiguous() for half in t.chunk(2, dim=0))  # [gate; up]
+        else:
+            parts = (t,)
+        for (hf_name, _), part in zip(hf_sources(name, shape, args), parts):
+            yield hf_name, part
 
 
 def hf_config(args: ModelArgs, eos_token_id=None, bos_token_id=None):

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seesaw_mc.model.kernels import TORCH_KERNELS, KernelChoice, rmsnorm
 from seesaw_mc.model.attention import get_attn_metadata, paged_attention
-from seesaw_mc.model.hf_import import ModelArgs
-from seesaw_mc.parallel import megatron_adapter as mc
+from seesaw_mc.model.kernels import TORCH_KERNELS, KernelChoice, rmsnorm
 from seesaw_mc.model.sharding import padded_vocab_size
+from seesaw_mc.model_spec import ModelArgs
+from seesaw_mc.parallel import megatron_adapter as mc
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -78,7 +78,7 @@ class MLP(MegatronModule):
     def __init__(self, config, args: ModelArgs, tp_group, fc1_pairs: int = 1):
         super().__init__(config)
         tp = tp_group.size() if tp_group is not None else 1
-        # linear_fc1's local rows are `pairs` interleaved [gate_c; up_c] chunks (reshard.py).
+        # linear_fc1's local rows are `pairs` interleaved [gate_c; up_c] chunks (sharding.interleave_fc1).
         self.pairs = max(1, fc1_pairs // tp)
         self.linear_fc1 = ColumnParallelLinear(args.hidden_size, 2 * args.ffn_hidden_size, config=config,
                                                init_method=_no_init, bias=False, gather_output=False,

@@ -11,12 +11,9 @@ import torch
 import torch.distributed as dist
 
 from seesaw_mc.errors import CapacityError
+from seesaw_mc.model_spec import ModelShape, kv_bytes
 
 _GiB = 1 << 30
-
-
-def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
 
 def available_host_bytes() -> int:
@@ -92,14 +89,12 @@ def allocate_device_kv(config, args, groups: dict, dtype: torch.dtype, device: t
     """The device tier's block count (the same on every rank: MIN over the world) and buffer,
     big enough for the block shape of every layout in `groups`."""
     c = config.cache
-    per_block = {n: bytes_per_block(g.layer_end - g.layer_start, c.block_size, args.num_kv_heads // g.layout.tp,
-                                    args.head_dim, dtype)
+    per_block = {n: kv_bytes(g.layer_end - g.layer_start, c.block_size, args.num_kv_heads // g.layout.tp,
+                             args.head_dim, dtype.itemsize)
                  for n, g in groups.items()}
     if c.num_device_blocks is not None:
         n = c.num_device_blocks
     else:
-        from seesaw_mc.planner import ModelShape
-
         shape = ModelShape.from_model_args(args, dtype.itemsize)
         budget = device_kv_budget(c, device, max(shape.shard_bytes(g.layout) for g in groups.values()))
         most = config.scheduler.max_num_seqs * (-(-max_model_len // c.block_size))

@@ -14,7 +14,8 @@ from typing import List, Tuple
 
 import torch
 
-from seesaw_mc.worker.device_cache import KVCacheViews, bytes_per_block, host_kv_budget
+from seesaw_mc.model_spec import kv_bytes
+from seesaw_mc.worker.device_cache import KVCacheViews, host_kv_budget
 
 
 def num_host_blocks(config, args, layout, dtype: torch.dtype, local_world: int) -> int:
@@ -22,7 +23,7 @@ def num_host_blocks(config, args, layout, dtype: torch.dtype, local_world: int) 
     c = config.cache
     if c.num_host_blocks is not None:
         return c.num_host_blocks
-    per_block = bytes_per_block(args.num_layers, c.block_size, args.num_kv_heads, args.head_dim, dtype)
+    per_block = kv_bytes(args.num_layers, c.block_size, args.num_kv_heads, args.head_dim, dtype.itemsize)
     replicas_here = max(1, min(layout.dp, local_world // (layout.tp * layout.pp)))
     return max(1, host_kv_budget(c) // replicas_here // per_block)
 

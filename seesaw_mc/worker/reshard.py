@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 
 from seesaw_mc.config import Layout
-from seesaw_mc.model.hf_import import ModelArgs, iter_megatron_tensors
+from seesaw_mc.model.hf_import import iter_megatron_tensors
 from seesaw_mc.model.llama import CausalLM
+from seesaw_mc.model.sharding import fc1_interleave_factor, interleave_fc1, shard_tensor
+from seesaw_mc.model_spec import ModelArgs
 from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.parallel.procs import fault_point
-from seesaw_mc.model.sharding import fc1_interleave_factor, interleave_fc1, shard_tensor
 from seesaw_mc.worker.node_files import node_shared
 
 

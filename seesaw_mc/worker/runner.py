@@ -16,7 +16,7 @@ from seesaw_mc.config import Layout
 from seesaw_mc.core.scheduler import RunnerOutput
 from seesaw_mc.core.step_plan import StepPlan, num_microbatches
 from seesaw_mc.model.attention import AttnMetadata, decode_chunks, set_attn_metadata
-from seesaw_mc.model.hf_import import ModelArgs
+from seesaw_mc.model_spec import ModelArgs
 from seesaw_mc.model.kernels import select_kernels
 from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.parallel.deepspeed_ops import start_tp_allreduce
