@@ -176,7 +176,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     # Flat aliases so that LLM(model, block_size=..., max_num_seqs=...) works like vLLM.
-    _FLAT = {
+    ALIASES = {
         "block_size": ("cache", "block_size"),
         "num_device_blocks": ("cache", "num_device_blocks"),
         "num_gpu_blocks_override": ("cache", "num_device_blocks"),
@@ -198,9 +198,9 @@ class EngineConfig:
         for k, v in kwargs.items():
             if k in names:
                 continue
-            if k not in cls._FLAT:
+            if k not in cls.ALIASES:
                 raise ConfigError(f"unknown engine option {k!r}")
-            section, attr = cls._FLAT[k]
+            section, attr = cls.ALIASES[k]
             setattr(getattr(cfg, section), attr, v)
         cfg.validate()
         return cfg
