@@ -173,7 +173,9 @@ class EngineConfig:
     decode_layout: Layout = field(default_factory=Layout)
     """Layout used for decode; dp must equal prefill_layout.dp."""
     cache: CacheConfig = field(default_factory=CacheConfig)
+    """KV cache tiers; set through the flat options in ALIASES (block_size=..., num_host_blocks=...)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Batching limits; set through the flat options in ALIASES (max_num_seqs=...)."""
 
     # Flat aliases so that LLM(model, block_size=..., max_num_seqs=...) works like vLLM.
     ALIASES = {
