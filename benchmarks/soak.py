@@ -78,7 +78,7 @@ def main() -> int:
         rss = [None] * dist.get_world_size()
         dist.all_gather_object(rss, rss_mb())
         rows.append({"round": r, "requests": served, "elapsed_s": time.perf_counter() - t0,
-                     "transitions": len(llm.engine.transitions) if llm.engine.is_leader else None,
+                     "transitions": len(llm.engine.metrics()["transitions"]) if llm.engine.is_leader else None,
                      "rss_mb": rss})
         if rank == 0:
             print(f"round {r}: {served} requests, {rows[-1]['transitions']} transitions, "

@@ -59,27 +59,24 @@ def run_seesaw(args, reqs) -> dict:
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
-    llm.engine.stats.__init__()
-    swap0 = llm.engine.runner.kv.summary()
-    n_trans = len(llm.engine.transitions)
+    warm = llm.engine.metrics()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=args.tqdm and rank() == 0)
     elapsed = time.perf_counter() - t0
     assert [len(o.outputs[0].token_ids) for o in outs] == [r.output_len for r in reqs]
-    trans = llm.engine.transitions[n_trans:]
+    m = llm.engine.metrics(since=warm)
+    trans = m["transitions"]
     if args.timeline and rank() == 0:
         from seesaw_mc.timeline import plot_timeline
 
-        plot_timeline(args.timeline, llm.engine.stats.timeline, trans,
+        plot_timeline(args.timeline, m["timeline"], trans,
                       title=f"{args.dataset_name} x{args.length_scale}, {args.layouts}: {len(trans)} transitions, "
                             f"{sum(t['total_s'] for t in trans) / elapsed:.2%} of {elapsed:.0f} s")
     return result("seesaw", reqs, elapsed, {
-        "layouts": args.layouts or "tp1", "allreduce": llm.engine.runner.allreduce,
-        "engine": llm.engine.stats.as_dict(), "transitions": len(trans),
-        "transition_time_s": sum(t["total_s"] for t in trans),
-        "transition_share": sum(t["total_s"] for t in trans) / elapsed,
-        "swap": llm.engine.runner.kv.summary(since=swap0),
-        "host_blocks": llm.engine.runner.num_host_blocks, "device_blocks": llm.engine.runner.num_blocks})
+        "layouts": args.layouts or "tp1", "allreduce": m["allreduce"], "engine": m["engine"],
+        "transitions": len(trans), "transition_time_s": sum(t["total_s"] for t in trans),
+        "transition_share": sum(t["total_s"] for t in trans) / elapsed, "swap": m["swap"],
+        "host_blocks": m["host_blocks"], "device_blocks": m["device_blocks"]})
 
 
 def _padded_generate(model, pad: int = 0):

@@ -1,13 +1,11 @@
 """The vLLM-compatible offline surface: LLM, SamplingParams, RequestOutput."""
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
-
-from tqdm.auto import tqdm
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from seesaw_mc.config import EngineConfig
-from seesaw_mc.errors import InputError, SeesawError
+from seesaw_mc.driver import Request, drive
+from seesaw_mc.errors import InputError
 from seesaw_mc.outputs import CompletionOutput, RequestOutput
 from seesaw_mc.sampling_params import SamplingParams
 
@@ -61,28 +59,15 @@ class LLM:
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             text, ids = self._to_token_ids(prompt, i)
             rid = f"{self._next_id + i}"
+            # Every prompt is checked before any is queued: a bad one must not leave half a batch behind.
             self.engine.validate_prompt(rid, ids)
-            requests.append((rid, ids, params, text))
+            requests.append(Request(rid, ids, params, text))
         self._next_id += len(requests)
-        eng = self.engine
-        if not eng.is_leader:
-            # Every rank runs the same script (torchrun); followers serve the leader's plans
-            # and return the same outputs.
-            return eng.worker_loop()
-        # Validated everything first: a bad prompt must not leave half a batch queued.
-        # DP replicas split the requests round-robin; their leaders pool the outputs.
-        mine = requests[eng.dp_rank::eng.dp_size]
-        for rid, ids, params, text in mine:
-            eng.add_request(rid, ids, params, prompt=text)
-
-        def work():
-            outs = self._run([r[0] for r in mine], use_tqdm)
-            if eng.dp_size == 1:
-                return outs
-            by_id = {o.request_id: o for part in eng.gather_across_replicas(outs) for o in part}
-            return [by_id[r[0]] for r in requests]
-
-        return lead(eng, work)
+        done: Dict[str, RequestOutput] = {}
+        parts = drive(self.engine, requests, lambda out: done.__setitem__(out.request_id, out), use_tqdm,
+                      result=lambda: list(done.values()))
+        by_id = {o.request_id: o for part in parts for o in part}
+        return [by_id[r.request_id] for r in requests]
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> List[RequestOutput]:
@@ -93,41 +78,3 @@ class LLM:
                                                                       tokenize=True, return_dict=False))}
                    for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-
-    def _run(self, order: List[str], use_tqdm: bool) -> List[RequestOutput]:
-        done: Dict[str, RequestOutput] = {}
-        run_engine(self.engine, len(order), use_tqdm, lambda out: done.__setitem__(out.request_id, out))
-        return [done[rid] for rid in order]
-
-
-def lead(engine, work: Callable[[], Any]):
-    """Leader: do the work, then release the followers with its result (or its error)."""
-    try:
-        result = work()
-    except SeesawError as e:
-        engine.finish_run(e)
-        raise
-    except BaseException as e:
-        engine.finish_run(SeesawError(f"the leader rank failed: {type(e).__name__}: {e}"))
-        raise
-    engine.finish_run(result if engine.runner.replica_size > 1 else None)  # followers return it too
-    return result
-
-
-def run_engine(engine, total: int, use_tqdm: bool, on_output: Callable[[RequestOutput], None]) -> None:
-    """Step the engine until idle, handing each finished request to on_output as it finishes."""
-    bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
-    last = time.perf_counter()
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                on_output(out)
-                bar.update(1)
-            now = time.perf_counter()
-            if use_tqdm and now - last > 0.5:
-                s = engine.stats
-                bar.set_postfix(prefill=f"{s.prefill_tokens / max(s.prefill_time, 1e-9):.0f}tok/s",
-                                decode=f"{s.decode_tokens / max(s.decode_time, 1e-9):.0f}tok/s", refresh=False)
-                last = now
-    finally:
-        bar.close()

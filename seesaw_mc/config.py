@@ -6,6 +6,7 @@ place that validates. No torch import here: the scheduler side reads this too.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -14,6 +15,48 @@ from seesaw_mc.errors import ConfigError
 
 _LAYOUT_RE = re.compile(r"^(?:dp(\d+))?(?:tp(\d+))?(?:pp(\d+))?$")
 _PAPER_RE = re.compile(r"^(?:D(\d+))?(?:T(\d+))?(?:P(\d+))?$")
+
+
+class Choice(enum.StrEnum):
+    """An option with a fixed list of values. Members are strings, so a config compares,
+    prints and serialises as before, and callers may pass plain strings."""
+
+    @classmethod
+    def parse(cls, value, option: str) -> "Choice":
+        try:
+            return cls(value)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{option} must be one of {cls.listing()} (got {value!r})") from None
+
+    @classmethod
+    def listing(cls) -> str:
+        return ", ".join(m.value for m in cls)
+
+
+class DType(Choice):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    @classmethod
+    def _missing_(cls, value):
+        # vLLM's short spellings; not listed, but LLM(dtype="bf16") has always worked.
+        return {"fp32": cls.FLOAT32, "bf16": cls.BFLOAT16, "fp16": cls.FLOAT16}.get(value)
+
+
+class AllReduce(Choice):
+    AUTO = "auto"
+    GLOO = "gloo"
+    DEEPSPEED_SHM = "deepspeed-shm"
+    NCCL = "nccl"
+
+
+class Kernels(Choice):
+    AUTO = "auto"
+    TORCH = "torch"
+    DEEPSPEED = "deepspeed"
+    APEX = "apex"
 
 
 @dataclass(frozen=True)
@@ -64,7 +107,8 @@ class CacheConfig:
     num_device_blocks: Optional[int] = None
     """Exact number of device KV blocks; overrides the memory budget (like vLLM's num_gpu_blocks_override)."""
     device_memory_bytes: Optional[int] = None
-    """KV budget in bytes on the compute device. None: a fraction of free memory (see below)."""
+    """KV budget in bytes on the compute device. None: a share of its free memory
+    (device_memory_fraction)."""
     device_memory_fraction: float = 0.9
     """CUDA: fraction of total GPU memory the process may use, weights included (vLLM's
     gpu_memory_utilization). CPU: the KV budget is min(1 GiB, fraction x available RAM / 4),
@@ -95,8 +139,8 @@ class SchedulerConfig:
     than this is still admitted, alone."""
     decode_watermark: float = 0.25
     """Only when prefill and decode layouts differ (SeesawScheduler): go back to prefill once
-    the host tier holds nothing left to decode and the resident decode KV has fallen to this
-    fraction of the device tier's capacity."""
+    the host tier holds nothing left to decode and the decode batch has fallen to this
+    fraction of the largest batch of the current decode phase."""
 
 
 @dataclass
@@ -107,30 +151,34 @@ class EngineConfig:
     """Folder with config.json, *.safetensors and the tokenizer files."""
     tokenizer: Optional[str] = None
     """Tokenizer folder; defaults to `model`."""
-    dtype: str = "auto"
-    """float32 | bfloat16 | float16 | auto (float32 on CPU, the checkpoint's dtype on CUDA)."""
+    dtype: DType = DType.AUTO
+    """Weights' and activations' dtype. auto: float32 on CPU, the checkpoint's dtype on CUDA."""
     seed: int = 0
     """Engine seed: requests without their own `seed` derive a per-request seed from it."""
     max_model_len: Optional[int] = None
     """Longest prompt + output. None: the model's max_position_embeddings (and sliding window)."""
     collective_timeout_s: float = 600.0
-    """Timeout of torch.distributed collectives: a dead or hung rank fails the job after this."""
-    allreduce: str = "auto"
-    """Tensor-parallel all-reduce: auto | gloo | deepspeed-shm | nccl. auto: NCCL on CUDA; on
-    CPU DeepSpeed's shared-memory all-reduce where a TP group is the whole job on one host,
-    else gloo (see parallel/deepspeed_ops.py)."""
-    kernels: str = "auto"
-    """Fused-op implementations: auto (DeepSpeed's inference kernels, then apex, on CUDA;
-    torch otherwise) | torch | deepspeed | apex (see model/kernels.py; logged at start-up)."""
+    """Seconds a torch.distributed collective may wait for the other ranks: a dead or hung
+    rank fails the job after this."""
+    allreduce: AllReduce = AllReduce.AUTO
+    """Tensor-parallel all-reduce. auto: NCCL on CUDA; on CPU DeepSpeed's shared-memory
+    all-reduce where a TP group spans every rank of the job on one host, else gloo (see
+    parallel/deepspeed_ops.py)."""
+    kernels: Kernels = Kernels.AUTO
+    """Fused-op implementations. auto: DeepSpeed's inference kernels, then apex, on CUDA;
+    torch otherwise. DeepSpeed and apex kernels are CUDA-only; the choice is logged at
+    start-up (see model/kernels.py)."""
     prefill_layout: Layout = field(default_factory=Layout)
-    """Layout used for prefill."""
+    """Layout used for prefill: tp2, pp4, tp2pp2, dp2tp2pp1 (or the paper's T4, P4, D2P4)."""
     decode_layout: Layout = field(default_factory=Layout)
     """Layout used for decode; dp must equal prefill_layout.dp."""
     cache: CacheConfig = field(default_factory=CacheConfig)
+    """KV cache tiers; set through the flat options in ALIASES (block_size=..., num_host_blocks=...)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Batching limits; set through the flat options in ALIASES (max_num_seqs=...)."""
 
     # Flat aliases so that LLM(model, block_size=..., max_num_seqs=...) works like vLLM.
-    _FLAT = {
+    ALIASES = {
         "block_size": ("cache", "block_size"),
         "num_device_blocks": ("cache", "num_device_blocks"),
         "num_gpu_blocks_override": ("cache", "num_device_blocks"),
@@ -152,9 +200,9 @@ class EngineConfig:
         for k, v in kwargs.items():
             if k in names:
                 continue
-            if k not in cls._FLAT:
+            if k not in cls.ALIASES:
                 raise ConfigError(f"unknown engine option {k!r}")
-            section, attr = cls._FLAT[k]
+            section, attr = cls.ALIASES[k]
             setattr(getattr(cfg, section), attr, v)
         cfg.validate()
         return cfg
@@ -167,12 +215,10 @@ class EngineConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16 (got {self.dtype!r})")
-        if self.allreduce not in ("auto", "gloo", "deepspeed-shm", "nccl"):
-            raise ConfigError(f"allreduce must be one of auto, gloo, deepspeed-shm, nccl (got {self.allreduce!r})")
-        if self.kernels not in ("auto", "torch", "deepspeed", "apex"):
-            raise ConfigError(f"kernels must be one of auto, torch, deepspeed, apex (got {self.kernels!r})")
+        """Refuse a bad value with one line naming the option; choices become enum members."""
+        self.dtype = DType.parse(self.dtype, "dtype")
+        self.allreduce = AllReduce.parse(self.allreduce, "allreduce")
+        self.kernels = Kernels.parse(self.kernels, "kernels")
         c, s = self.cache, self.scheduler
         if not isinstance(c.block_size, int) or c.block_size < 1:
             raise ConfigError(f"block_size must be a positive integer (got {c.block_size!r})")

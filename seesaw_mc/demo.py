@@ -108,7 +108,7 @@ def run_demo(model_dir: str, prompts_file: str | None = None, max_tokens: int = 
           f"{n_out / el:.2f} output tokens/s  (model load {t_load:.1f} s, {len(outs)} prompts, "
           f"{n_out} tokens generated)")
     ranks = int(os.environ.get("WORLD_SIZE", 1))
-    trans = llm.engine.transitions
+    trans = llm.engine.metrics()["transitions"]
     print(f"layouts: prefill {llm.engine.config.prefill_layout}, decode {llm.engine.config.decode_layout} on {ranks} "
           f"rank(s); {len(trans)} transition(s)"
           + (f", {sum(t['total_s'] for t in trans) * 1e3:.1f} ms in all" if trans else ""))

@@ -9,17 +9,17 @@ from typing import List, Optional, Sequence as Seq
 
 import torch
 
-from seesaw_mc.config import EngineConfig
+from seesaw_mc.config import DType, EngineConfig
 from seesaw_mc.errors import ConfigError, InputError, ModelError
 from seesaw_mc.model_spec import ModelArgs, ModelShape
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+# Keys are DType members, which equal their strings: a checkpoint's torch_dtype looks up too.
+_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
 
 
 def resolve_dtype(name: str, args: ModelArgs, on_cuda: bool) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
+    if name != DType.AUTO:
+        return _DTYPES[DType.parse(name, "dtype")]
     if not on_cuda:
         return torch.float32  # CPU matmuls are fastest and exact in fp32
     return _DTYPES.get(args.torch_dtype, torch.bfloat16)

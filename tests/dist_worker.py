@@ -26,17 +26,15 @@ def main():
         prompts = [{"prompt_token_ids": p} for p in prompts_for(case.get("seed", 0), n=case.get("n", 10),
                                                                   vocab=case.get("vocab", 320))]
         greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=case["max_tokens"]), use_tqdm=False)
-        transitions = list(llm.engine.transitions) if llm.engine.is_leader else []
-        preemptions = llm.engine.stats.preemptions
-        swap = llm.engine.runner.kv.summary()
+        m = llm.engine.metrics()
         sampled = llm.generate(prompts[:4], [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=40 + i)
                                              for i in range(4)], use_tqdm=False)
         results[case["name"]] = {
             "greedy": [o.outputs[0].token_ids for o in greedy],
             "prompts": [o.prompt_token_ids for o in greedy],
             "sampled": [o.outputs[0].token_ids for o in sampled],
-            "transitions": transitions, "preemptions": preemptions, "swap": swap,
-            "allreduce": llm.engine.runner.allreduce,
+            "transitions": m["transitions"] if llm.engine.is_leader else [],
+            "preemptions": m["engine"]["preemptions"], "swap": m["swap"], "allreduce": m["allreduce"],
             "shm_allreduce_calls": getattr(llm.engine.runner.shm_allreduce, "calls", 0),
         }
     if int(os.environ.get("RANK", 0)) == 0:

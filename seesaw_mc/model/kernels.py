@@ -17,7 +17,6 @@ import torch.nn as nn
 
 log = logging.getLogger("seesaw_mc")
 
-CHOICES = ("auto", "torch", "deepspeed", "apex")
 
 
 @dataclass
@@ -67,10 +66,9 @@ _CACHE: Dict[tuple, KernelChoice] = {}
 def select_kernels(requested: str, device: torch.device, dtype: torch.dtype, hidden: int, eps: float,
                    log_once: bool = True) -> KernelChoice:
     """Pick the RMSNorm implementation for this device (cached per process)."""
-    if requested not in CHOICES:
-        from seesaw_mc.errors import ConfigError
+    from seesaw_mc.config import Kernels
 
-        raise ConfigError(f"kernels must be one of {', '.join(CHOICES)} (got {requested!r})")
+    requested = Kernels.parse(requested, "kernels")
     key = (requested, str(device), dtype, hidden, eps)
     if key in _CACHE:
         return _CACHE[key]

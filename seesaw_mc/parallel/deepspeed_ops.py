@@ -24,11 +24,10 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from seesaw_mc.config import AllReduce
 from seesaw_mc.errors import ConfigError
 
 log = logging.getLogger("seesaw_mc")
-
-CHOICES = ("auto", "gloo", "deepspeed-shm", "nccl")
 
 
 def usable_cores() -> int:
@@ -38,7 +37,7 @@ def usable_cores() -> int:
 
 
 def choose_allreduce(requested: str, on_cuda: bool, world: int, local_world: int, tp_sizes,
-                     cores: Optional[int] = None) -> str:
+                     cores: Optional[int] = None) -> AllReduce:
     """The TP all-reduce backend for this job (pure given `cores`: same answer on every rank).
 
     auto: NCCL on CUDA; on CPU DeepSpeed's shared-memory all-reduce when a layout's TP group
@@ -46,24 +45,23 @@ def choose_allreduce(requested: str, on_cuda: bool, world: int, local_world: int
     job, which the shm op cannot serve), and gloo too when the host has fewer cores than ranks:
     the shm op spin-waits, and spinning ranks starve the ones they wait for (3 ranks on 2
     cores: 3.4x slower than gloo, measured)."""
-    if requested not in CHOICES:
-        raise ConfigError(f"--allreduce must be one of {', '.join(CHOICES)} (got {requested!r})")
+    requested = AllReduce.parse(requested, "--allreduce")
     if on_cuda:
-        if requested in ("gloo", "deepspeed-shm"):
+        if requested in (AllReduce.GLOO, AllReduce.DEEPSPEED_SHM):
             raise ConfigError(f"--allreduce {requested} is for CPU ranks; on CUDA use nccl (or auto)")
-        return "nccl"
-    if requested == "nccl":
+        return AllReduce.NCCL
+    if requested is AllReduce.NCCL:
         raise ConfigError("--allreduce nccl needs CUDA devices; this host has none (use auto, gloo or deepspeed-shm)")
-    if requested == "gloo":
-        return "gloo"
+    if requested is AllReduce.GLOO:
+        return AllReduce.GLOO
     fits = world > 1 and local_world == world and any(tp == world for tp in tp_sizes)
-    if requested == "deepspeed-shm" and not fits:
+    if requested is AllReduce.DEEPSPEED_SHM and not fits:
         raise ConfigError(
             f"--allreduce deepspeed-shm reduces over all {world} ranks at once on one host, so it needs a layout "
             f"with tp == {world} and all ranks on one node ({local_world} here); use gloo or auto")
-    if requested == "auto" and fits and (cores if cores is not None else usable_cores()) < local_world:
-        return "gloo"
-    return "deepspeed-shm" if fits else "gloo"
+    if requested is AllReduce.AUTO and fits and (cores if cores is not None else usable_cores()) < local_world:
+        return AllReduce.GLOO
+    return AllReduce.DEEPSPEED_SHM if fits else AllReduce.GLOO
 
 
 @contextlib.contextmanager
