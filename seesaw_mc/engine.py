@@ -187,8 +187,8 @@ class LLMEngine:
         self.plans.after_step(out, done)
         finished: List[RequestOutput] = []
         for seq in done:
-            req = self.requests[seq.request_id]
-            if all(s.is_finished for s in req.seqs):
+            req = self.requests.get(seq.request_id)  # None: a sibling of this step completed it
+            if req is not None and all(s.is_finished for s in req.seqs):
                 finished.append(self._make_output(self.requests.pop(seq.request_id)))
         return finished
 

@@ -50,10 +50,8 @@ def drive(sched, reqs, stats=None):
         for seq, _ in out.swap_in:
             resident.add(seq.seq_id)
         busy = {b for s in out.seqs for b in s.block_table}
-        if out.phase is Phase.PREFILL and busy & in_flight:
-            assert out.wait_copies, "a prefill step reuses blocks whose offload may still be copying"
         if busy & in_flight:
-            assert in_flight_ticket in out.wait_for, "a step reuses blocks of a copy it does not wait for"
+            assert in_flight_ticket in out.wait_for, "a step reuses blocks whose offload may still be copying"
         in_flight = {d for _, pairs in out.offload for d, _ in pairs}
         in_flight_ticket = out.offload_ticket
         for seq, pairs in out.prefetch:

@@ -38,8 +38,6 @@ class SchedulerOutput:
     # before the step (swap_out), and device -> host right after a prefill step (offload).
     swap_in: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
     prefetch: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
-    # The step reuses device blocks of the last step's offload: it waits for that copy too.
-    wait_copies: bool = False
     swap_out: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
     offload: List[Tuple[Sequence, List[Tuple[int, int]]]] = field(default_factory=list)
     # Copy tickets (see core/block_manager.py): the background copies this step starts, and
@@ -51,7 +49,6 @@ class SchedulerOutput:
     def copy_pairs(self, kind: str) -> List[Tuple[int, int]]:
         """All (device_block, host_block) pairs of one kind of copy, flattened."""
         return [p for _, pairs in getattr(self, kind) for p in pairs]
-
 
     @property
     def num_tokens(self) -> int:

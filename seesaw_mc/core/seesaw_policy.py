@@ -34,8 +34,11 @@ class SeesawScheduler(Scheduler):
     Every prefill -> decode switch is one layout transition.
 
     Copy tickets: a prefill step waits for every copy but the last step's offload, which
-    overlaps it; any other step waits for every copy. The blocks of a copy are released when
-    a step waits for its ticket (`_settle`), never earlier.
+    overlaps it (unless it needs that offload's blocks: then it waits for it too); any other
+    step waits for every copy. Device blocks an offload reads and host blocks it writes are
+    held by its ticket, released when a step waits for it (`_settle`). Host blocks a swap-in
+    or prefetch reads are released at the next schedule, after `_settle` (a decode step
+    waits for every copy), unless the sequence went back to the host tier meanwhile.
     """
 
     def __init__(self, device: BlockManager, host: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
@@ -118,7 +121,6 @@ class SeesawScheduler(Scheduler):
                 waited = self._settle(keep_last_offload=False)
                 out = self._schedule_prefill() if self._head_fits() else None
                 if out is not None:
-                    out.wait_copies = True
                     out.wait_for = waited
             if out is not None:
                 return out
@@ -238,7 +240,5 @@ class SeesawScheduler(Scheduler):
         ticket = self._last_offload if self.phase is Phase.PREFILL else None
         self.bm.free(seq, ticket=ticket)
         self.host.free(seq, ticket=ticket)
-        if seq in self.running:
-            self.running.remove(seq)
         if seq in self.running:
             self.running.remove(seq)

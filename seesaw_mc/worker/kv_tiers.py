@@ -75,6 +75,10 @@ class KVTiers:
     def _now(self, kind: str, copy, pairs) -> None:
         if not pairs:
             return
+        # The scheduler never plans one while a background copy is pending (a step waits for
+        # every copy but a prefill's offload, and swaps happen in decode or at its end); direct
+        # callers get the same guarantee here, as the copies share the Stager's buffer.
+        self.wait_all()
         t = time.perf_counter()
         self._begin_staged()
         copy(*self._slice(), pairs, stager=self.stager)

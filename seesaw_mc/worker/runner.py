@@ -6,7 +6,6 @@ Start-up builds the pieces it drives: the two layouts' shards (worker/reshard.py
 tiers (worker/kv_tiers.py) and the TP all-reduce (parallel/deepspeed_ops.py)."""
 from __future__ import annotations
 
-import logging
 from typing import Dict, List, Optional
 
 import torch
@@ -27,9 +26,6 @@ from seesaw_mc.worker.kv_tiers import KVTiers
 from seesaw_mc.worker.node_files import job_id
 from seesaw_mc.worker.reshard import Resharder
 
-log = logging.getLogger("seesaw_mc")
-
-
 def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
     """Contiguous micro-batches, balanced by tokens (prefill) or count (decode)."""
     n = max(1, min(n, len(seqs)))
@@ -46,7 +42,6 @@ def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
     if cur:
         out.append(cur)
     return out
-
 
 
 class ModelRunner:
@@ -130,7 +125,6 @@ class ModelRunner:
                                 decode_chunks=decode_chunks(lens, [s.block_table for s in seqs], bs, dev))
         return torch.tensor(ids, device=dev), meta
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan, seqs) -> Optional[RunnerOutput]:
         """One step as planned: finish the copies it waits for, swap KV out (in the layout
         that wrote it), switch layouts if the step's phase runs in another, swap KV in, run the
@@ -140,6 +134,10 @@ class ModelRunner:
         self.kv.swap_out(plan.swap_out)
         if plan.kind != self.weights.active:  # layouts are named after the phase they run
             self.activate(plan.kind)
+        with torch.inference_mode():
+            return self._compute(plan, seqs)
+
+    def _compute(self, plan: StepPlan, seqs) -> Optional[RunnerOutput]:
         self.kv.swap_in(plan.swap_in)
         self.kv.prefetch(plan.prefetch, plan.prefetch_ticket)
         if not seqs:
