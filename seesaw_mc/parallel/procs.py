@@ -100,7 +100,15 @@ def _kill_stopped_peers() -> None:
 
 def explain_comm_failure(exc: BaseException) -> str:
     """One line for a collective that failed because another rank died or hung."""
+    import time
+
+    # A killed rank's sockets close before the kernel marks it a zombie: on a loaded machine the
+    # survivor can look while the dead rank still shows as running. Give it a moment.
+    deadline = time.monotonic() + 2.0
     failed = _failed_peers()
+    while not failed and _PEERS and time.monotonic() < deadline:
+        time.sleep(0.05)
+        failed = _failed_peers()
     if failed:
         what = failed
     elif "imed out" in str(exc) or "Timeout" in str(exc):
