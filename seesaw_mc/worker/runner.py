@@ -26,6 +26,7 @@ from seesaw_mc.worker.kv_tiers import KVTiers
 from seesaw_mc.worker.node_files import job_id
 from seesaw_mc.worker.reshard import Resharder
 
+
 def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
     """Contiguous micro-batches, balanced by tokens (prefill) or count (decode)."""
     n = max(1, min(n, len(seqs)))
