@@ -180,6 +180,11 @@ def relaunch(nproc: int, argv) -> int:
             return RankFailure.exit_code
         codes = [f.exitcode for f in e.failures.values()]
         return next((c for c in codes if c and c > 0), 1)  # the ranks printed their own error lines
+    finally:
+        # A rank killed during start-up leaves its shared files (a whole weight copy) in RAM.
+        from seesaw_mc.worker.node_files import sweep_stale
+
+        sweep_stale()
     return 0
 
 
