@@ -67,8 +67,8 @@ def _job(d, job, owner, kinds=("weights-0", "weights-0.json", "kv-0")):
 
 
 def test_sweep_removes_only_files_of_dead_jobs(tmp_path):
-    """Issue 15 item 3: a job whose marker names a dead process (or a reused pid) loses its
-    files; live jobs, other containers' jobs, fresh unmarked files and other names stay."""
+    """Issue 15 item 3: a job whose marker names a dead process (a zombie too, or a reused
+    pid) loses its files; live jobs, other containers' jobs, fresh unmarked files and other names stay."""
     dead = _job(tmp_path, "a" * 12, _dead_owner())
     reused = _job(tmp_path, "b" * 12, dict(node_files.owner_record(), start="1"))  # our pid, another start
     live = _job(tmp_path, "c" * 12, node_files.owner_record())
@@ -79,8 +79,16 @@ def test_sweep_removes_only_files_of_dead_jobs(tmp_path):
     os.utime(tmp_path / ("seesaw-" + "f" * 12 + "-kv-0"), (time.time() - 3600,) * 2)
     fresh_unmarked = _job(tmp_path, "1" * 12, None, kinds=("kv-0",))
     (tmp_path / "seesaw-explained-x").write_bytes(b"")
-    removed = set(node_files.sweep_stale(str(tmp_path)))
-    assert removed == dead | reused | old_unmarked
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    time.sleep(0.1)
+    zombie = _job(tmp_path, "9" * 12, node_files.owner_record(p.pid))
+    p.kill()
+    time.sleep(0.2)  # dead, not reaped yet: what a launcher's SIGKILLed rank looks like for a moment
+    try:
+        removed = set(node_files.sweep_stale(str(tmp_path)))
+    finally:
+        p.wait()
+    assert removed == dead | reused | old_unmarked | zombie
     left = set(os.listdir(tmp_path))
     assert left == live | elsewhere | torn | {"seesaw-" + "e" * 12 + ".owner"} | fresh_unmarked | {"seesaw-explained-x"}
 

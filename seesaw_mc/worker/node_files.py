@@ -51,10 +51,12 @@ def create_exclusive(path: str, mode: str = "wb"):
 
 # -- owner markers and the sweep -------------------------------------------------------------
 def _start_time(pid: int) -> Optional[str]:
-    """The process's start time (clock ticks since boot): a pid reused later has another."""
+    """The process's start time (clock ticks since boot): a pid reused later has another.
+    None: no such process, or a zombie (dead, not yet reaped)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[19]
+            fields = f.read().rsplit(")", 1)[-1].split()
+        return None if fields[0] in ("Z", "X") else fields[19]
     except (OSError, IndexError):
         return None
 
