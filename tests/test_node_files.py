@@ -93,7 +93,7 @@ def test_sweep_removes_only_files_of_dead_jobs(tmp_path):
     assert left == live | elsewhere | torn | {"seesaw-" + "e" * 12 + ".owner"} | fresh_unmarked | {"seesaw-explained-x"}
 
 
-def test_claim_marks_the_job_until_exit(tmp_path):
+def test_claim_marks_the_job_as_alive(tmp_path):
     """Issue 15 item 3: the marker names this process, so a sweep keeps the job's files."""
     path = node_files.claim("2" * 12, str(tmp_path))
     assert os.stat(path).st_mode & 0o777 == 0o600
@@ -113,9 +113,12 @@ def test_engine_start_up_sweeps_a_killed_jobs_weights(tiny_models):
     import pathlib
 
     stale = _job(pathlib.Path(d), "3" * 12, _dead_owner())
+    before = set(os.listdir(d))
     try:
         LLM(tiny_models["llama"])
         assert not stale & set(os.listdir(d))
+        # The new job's files and its marker are gone once it has started: a kill leaves nothing.
+        assert set(os.listdir(d)) <= before
     finally:
         for n in stale:
             node_files.unlink_quietly(os.path.join(d, n))

@@ -5,12 +5,12 @@ have mapped it, so that nothing is left in /dev/shm once a job is running.
 They hold the weights and prompt-derived KV, so they are created owner-only (0600) and
 exclusively (O_EXCL: never an existing file or a planted symlink). A job killed during
 start-up (SIGKILL, the OOM killer) cannot unlink them; a full weight copy would stay in RAM.
-So local rank 0 first leaves a marker, `seesaw-<job>.owner` (its pid, the pid's start time,
-host and pid namespace), and every start-up, and our launcher after its ranks exit, removes
-the `seesaw-<job>*` files of jobs whose owner is gone (sweep_stale)."""
+So during start-up local rank 0 keeps a marker, `seesaw-<job>.owner` (its pid, the pid's
+start time, host and pid namespace), and every start-up, and our launcher after its ranks
+exit, removes the `seesaw-<job>*` files of jobs whose owner is gone (sweep_stale)."""
 from __future__ import annotations
 
-import atexit
+import contextlib
 import json
 import os
 import re
@@ -81,11 +81,10 @@ def _owner_alive(owner: dict) -> bool:
 
 
 def claim(job: str, directory: Optional[str] = None) -> str:
-    """Leave this process's marker for `job`'s files (removed at exit; swept if it dies)."""
+    """Leave this process's marker for `job`'s files; returns its path (the caller removes it)."""
     path = os.path.join(directory or shm_dir(), f"{PREFIX}{job}.owner")
     with create_exclusive(path, "w") as f:
         json.dump(owner_record(), f)
-    atexit.register(unlink_quietly, path)
     return path
 
 
@@ -130,19 +129,34 @@ def sweep_stale(directory: Optional[str] = None) -> List[str]:
 
 # -- collective helpers ----------------------------------------------------------------------
 def job_id() -> str:
-    """One id per job, the same on every rank: it names the job's shared files. Local rank 0
-    of each node sweeps stale files and claims the new job's before any is created."""
+    """One id per job, the same on every rank: it names the job's shared files."""
     import torch.distributed as dist
-
-    from seesaw_mc.parallel import megatron_adapter as mc
 
     obj = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+@contextlib.contextmanager
+def job_files():
+    """The job's id, for the start-up that creates (and unlinks) its shared files. Local rank
+    0 of each node first sweeps stale files, then marks the job as its own until the block
+    ends: the marker lives exactly as long as files that a kill could leave behind."""
+    import torch.distributed as dist
+
+    from seesaw_mc.parallel import megatron_adapter as mc
+
+    job = job_id()
+    marker = None
     if mc.local_rank(dist.get_rank()) == 0:
         sweep_stale()
-        claim(obj[0])
-    return obj[0]
+        marker = claim(job)
+    try:
+        yield job
+    finally:
+        if marker:
+            unlink_quietly(marker)
 
 
 def _node_barrier() -> None:
