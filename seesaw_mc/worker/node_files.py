@@ -77,7 +77,16 @@ def _owner_alive(owner: dict) -> bool:
     # Another container (shared /dev/shm, --ipc=host) or host: its pids mean nothing here; keep.
     if owner.get("host") != socket.gethostname() or owner.get("pidns") != _pid_namespace():
         return True
-    return owner.get("start") is not None and _start_time(int(owner.get("pid", -1))) == owner["start"]
+    pid = int(owner["pid"])
+    if owner.get("start") is None:  # no /proc where it was written: the pid alone must do
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    return _start_time(pid) == owner["start"]
 
 
 def claim(job: str, directory: Optional[str] = None) -> str:
@@ -95,7 +104,7 @@ def _stale(directory: str, job: str, names: List[str]) -> bool:
     try:
         with open(os.path.join(directory, f"{PREFIX}{job}.owner")) as f:
             return not _owner_alive(json.load(f))
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
         # No marker (a version without them) or one still being written: judge by age.
         newest = max(os.stat(os.path.join(directory, n)).st_mtime for n in names)
         return time.time() - newest > _UNMARKED_GRACE_S
