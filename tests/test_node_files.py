@@ -61,8 +61,8 @@ def _job(d, job, owner, kinds=("weights-0", "weights-0.json", "kv-0")):
     for n in names:
         (d / n).write_bytes(b"x")
     if owner is not None:
-        (d / f"seesaw-{job}.owner").write_text(json.dumps(owner))
-        names.append(f"seesaw-{job}.owner")
+        (d / f"seesaw-{job}.0.owner").write_text(json.dumps(owner))
+        names.append(f"seesaw-{job}.0.owner")
     return set(names)
 
 
@@ -74,7 +74,7 @@ def test_sweep_removes_only_files_of_dead_jobs(tmp_path):
     live = _job(tmp_path, "c" * 12, node_files.owner_record())
     elsewhere = _job(tmp_path, "d" * 12, dict(node_files.owner_record(), pidns="pid:[1]", pid=999999))
     torn = _job(tmp_path, "e" * 12, None, kinds=("weights-0",))
-    (tmp_path / ("seesaw-" + "e" * 12 + ".owner")).write_text("{")  # written by a process killed mid-write
+    (tmp_path / ("seesaw-" + "e" * 12 + ".0.owner")).write_text("{")  # written by a process killed mid-write
     old_unmarked = _job(tmp_path, "f" * 12, None, kinds=("kv-0",))
     os.utime(tmp_path / ("seesaw-" + "f" * 12 + "-kv-0"), (time.time() - 3600,) * 2)
     fresh_unmarked = _job(tmp_path, "1" * 12, None, kinds=("kv-0",))
@@ -90,18 +90,18 @@ def test_sweep_removes_only_files_of_dead_jobs(tmp_path):
         p.wait()
     assert removed == dead | reused | old_unmarked | zombie
     left = set(os.listdir(tmp_path))
-    assert left == live | elsewhere | torn | {"seesaw-" + "e" * 12 + ".owner"} | fresh_unmarked | {"seesaw-explained-x"}
+    assert left == live | elsewhere | torn | {"seesaw-" + "e" * 12 + ".0.owner"} | fresh_unmarked | {"seesaw-explained-x"}
 
 
 def test_claim_marks_the_job_as_alive(tmp_path):
     """Issue 15 item 3: the marker names this process, so a sweep keeps the job's files."""
-    path = node_files.claim("2" * 12, str(tmp_path))
+    path = node_files.claim("2" * 12, 0, str(tmp_path))
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert json.loads(open(path).read())["pid"] == os.getpid()
     _job(tmp_path, "2" * 12, None)
     assert node_files.sweep_stale(str(tmp_path)) == []
     with pytest.raises(SeesawError):
-        node_files.claim("2" * 12, str(tmp_path))
+        node_files.claim("2" * 12, 0, str(tmp_path))
 
 
 def test_engine_start_up_sweeps_a_killed_jobs_weights(tiny_models):
@@ -122,3 +122,17 @@ def test_engine_start_up_sweeps_a_killed_jobs_weights(tiny_models):
     finally:
         for n in stale:
             node_files.unlink_quietly(os.path.join(d, n))
+
+
+def test_two_nodes_on_one_host_each_mark_the_job(tmp_path):
+    """Issue 15 item 3: two "nodes" of one job on one host (one /dev/shm) each keep their own
+    marker; the job's files go only once every marker names a dead owner."""
+    job = "4" * 12
+    node_files.claim(job, 0, str(tmp_path))
+    node_files.claim(job, 1, str(tmp_path))  # the same job id on the other node: no collision
+    _job(tmp_path, job, None)
+    (tmp_path / f"seesaw-{job}.1.owner").write_text(json.dumps(_dead_owner()))
+    assert node_files.sweep_stale(str(tmp_path)) == []  # node 0's owner is alive
+    (tmp_path / f"seesaw-{job}.0.owner").write_text(json.dumps(_dead_owner()))
+    assert len(node_files.sweep_stale(str(tmp_path))) == 5
+    assert os.listdir(tmp_path) == []

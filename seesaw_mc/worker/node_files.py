@@ -5,8 +5,9 @@ have mapped it, so that nothing is left in /dev/shm once a job is running.
 They hold the weights and prompt-derived KV, so they are created owner-only (0600) and
 exclusively (O_EXCL: never an existing file or a planted symlink). A job killed during
 start-up (SIGKILL, the OOM killer) cannot unlink them; a full weight copy would stay in RAM.
-So during start-up local rank 0 keeps a marker, `seesaw-<job>.owner` (its pid, the pid's
-start time, host and pid namespace), and every start-up, and our launcher after its ranks
+So during start-up local rank 0 of each node keeps a marker, `seesaw-<job>.<node>.owner` (its
+pid, the pid's start time, host and pid namespace; one per node, as several "nodes" can share
+one host's /dev/shm), and every start-up, and our launcher after its ranks
 exit, removes the `seesaw-<job>*` files of jobs whose owner is gone (sweep_stale)."""
 from __future__ import annotations
 
@@ -89,21 +90,28 @@ def _owner_alive(owner: dict) -> bool:
     return _start_time(pid) == owner["start"]
 
 
-def claim(job: str, directory: Optional[str] = None) -> str:
-    """Leave this process's marker for `job`'s files; returns its path (the caller removes it)."""
-    path = os.path.join(directory or shm_dir(), f"{PREFIX}{job}.owner")
+def claim(job: str, node: int = 0, directory: Optional[str] = None) -> str:
+    """Leave this process's marker for `job`'s files on `node`; returns its path (the caller removes it)."""
+    path = os.path.join(directory or shm_dir(), f"{PREFIX}{job}.{node}.owner")
     with create_exclusive(path, "w") as f:
         json.dump(owner_record(), f)
     return path
 
 
-_NAME = re.compile(re.escape(PREFIX) + r"([0-9a-f]{12})(-|\.owner$)")  # job ids: job_id()
+_NAME = re.compile(re.escape(PREFIX) + r"([0-9a-f]{12})(-|\.\d+\.owner$)")  # job ids: job_id()
 
 
 def _stale(directory: str, job: str, names: List[str]) -> bool:
+    """A job is stale when it has markers and every one names a dead owner."""
+    markers = [n for n in names if n.endswith(".owner")]
     try:
-        with open(os.path.join(directory, f"{PREFIX}{job}.owner")) as f:
-            return not _owner_alive(json.load(f))
+        if not markers:
+            raise FileNotFoundError
+        owners = []
+        for name in markers:
+            with open(os.path.join(directory, name)) as f:
+                owners.append(json.load(f))
+        return not any(_owner_alive(o) for o in owners)
     except (OSError, ValueError, TypeError, AttributeError, KeyError):
         # No marker (a version without them) or one still being written: judge by age.
         newest = max(os.stat(os.path.join(directory, n)).st_mtime for n in names)
@@ -160,7 +168,7 @@ def job_files():
     marker = None
     if mc.local_rank(dist.get_rank()) == 0:
         sweep_stale()
-        marker = claim(job)
+        marker = claim(job, mc.node_rank())
     try:
         yield job
     finally:
