@@ -12,7 +12,7 @@ setup(
     # Ranges, not pins: users bring their own (often CUDA) torch. The exact versions
     # tested here live in constraints.txt.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # SDPA enable_gqa (model/attention.py)
         "megatron-core>=0.16.1,<0.17",
         "transformers>=5.0,<6",
         "tokenizers>=0.21",

@@ -80,7 +80,7 @@ def build(ckpt: str, tp: int, pp: int, max_batch_size: int, max_seq_len: int):
         TextGenerationController
 
     from seesaw_mc.checkpoints.detect import iteration_dir
-    from seesaw_mc.checkpoints.megatron_args import load_pt, model_args_from_megatron
+    from seesaw_mc.checkpoints.megatron_args import allowed_globals, load_pt, model_args_from_megatron
     from seesaw_mc.parallel import megatron_adapter as mc
 
     mc.init_distributed()
@@ -88,7 +88,7 @@ def build(ckpt: str, tp: int, pp: int, max_batch_size: int, max_seq_len: int):
     args, _, _ = model_args_from_megatron(load_pt(os.path.join(d, "common.pt"))["args"], d)
     mc.init_megatron_parallel(tp, pp)
     model = mc.megatron_gpt_model(args)
-    with cpu_shims():
+    with cpu_shims(), allowed_globals():  # common.pt holds the args (argparse.Namespace)
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, d)
     model.load_state_dict(state["model"], strict=False)
 

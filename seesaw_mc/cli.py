@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", default=None, help="Megatron -> HF: copy the tokenizer files from this folder")
     c.add_argument("--tp", type=int, default=None, help="expected TP of the Megatron input (checked)")
     c.add_argument("--pp", type=int, default=None, help="expected PP of the Megatron input (checked)")
+    c.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle a torch_dist .metadata without the allow-list (it can run code: only for "
+                        "checkpoints from a source you trust)")
     return parser
 
 
@@ -106,7 +109,7 @@ def cmd_convert(a) -> int:
     from seesaw_mc.checkpoints import convert
 
     t0 = time.perf_counter()
-    kind = convert(a.input, a.output, a.tokenizer, a.tp, a.pp)
+    kind = convert(a.input, a.output, a.tokenizer, a.tp, a.pp, trust=a.trust_checkpoint)
     print(f"wrote {'an HF model' if kind == 'hf' else 'a Megatron torch_dist checkpoint'} to {a.output} "
           f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
@@ -180,6 +183,11 @@ def relaunch(nproc: int, argv) -> int:
             return RankFailure.exit_code
         codes = [f.exitcode for f in e.failures.values()]
         return next((c for c in codes if c and c > 0), 1)  # the ranks printed their own error lines
+    finally:
+        # A rank killed during start-up leaves its shared files (a whole weight copy) in RAM.
+        from seesaw_mc.worker.node_files import sweep_stale
+
+        sweep_stale()
     return 0
 
 

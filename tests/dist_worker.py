@@ -18,8 +18,13 @@ def main():
     from seesaw_mc import LLM, SamplingParams
 
     out_path, spec = sys.argv[1], json.loads(sys.argv[2])
-    results = {}
+    from seesaw_mc.worker import device_cache
+
+    results, read_meminfo = {}, device_cache.available_host_bytes
     for case in spec["cases"]:
+        # "mem_available": each rank's MemAvailable, as the host tier's sizing reads it.
+        mine = case.get("mem_available", [None] * 64)[int(os.environ.get("RANK", 0))]
+        device_cache.available_host_bytes = read_meminfo if mine is None else (lambda: mine)
         llm = LLM(case["model"], prefill_layout=case["prefill"], decode_layout=case["decode"],
                   block_size=4, num_device_blocks=case.get("blocks"), num_host_blocks=case.get("host_blocks"),
                   max_num_batched_tokens=case.get("budget", 4096), allreduce=case.get("allreduce", "auto"))
@@ -36,6 +41,7 @@ def main():
             "transitions": m["transitions"] if llm.engine.is_leader else [],
             "preemptions": m["engine"]["preemptions"], "swap": m["swap"], "allreduce": m["allreduce"],
             "shm_allreduce_calls": getattr(llm.engine.runner.shm_allreduce, "calls", 0),
+            "host_blocks": llm.engine.runner.num_host_blocks,
         }
     if int(os.environ.get("RANK", 0)) == 0:
         with open(out_path, "w") as f:

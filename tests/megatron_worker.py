@@ -19,7 +19,7 @@ def load_gpt(src, tp, pp):
     from megatron.core import dist_checkpointing
 
     from seesaw_mc.checkpoints.detect import iteration_dir
-    from seesaw_mc.checkpoints.megatron_args import load_pt, model_args_from_megatron
+    from seesaw_mc.checkpoints.megatron_args import allowed_globals, load_pt, model_args_from_megatron
     from seesaw_mc.parallel import megatron_adapter as mc
 
     mc.init_distributed()
@@ -28,7 +28,7 @@ def load_gpt(src, tp, pp):
     args, _, _ = model_args_from_megatron(common["args"], d)
     mc.init_megatron_parallel(tp, pp)
     model = mc.megatron_gpt_model(args)
-    with mc.cpu_device_shim():
+    with mc.cpu_device_shim(), allowed_globals():  # common.pt holds the args (argparse.Namespace)
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, d)
     model.load_state_dict(state["model"], strict=False)
     return args, model, dist

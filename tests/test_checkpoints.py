@@ -177,3 +177,76 @@ def test_serving_a_megatron_folder_says_convert_first(ckpts, tmp_path):
     inp.write_text('{"prompt": "the quick brown fox", "max_tokens": 3}\n')
     r = run_cli("generate", "--model", ckpts["leg2"], "--input", str(inp), "--output", str(tmp_path / "o.jsonl"))
     assert_one_line(r, "is a Megatron checkpoint (legacy); convert it first: seesaw-mc convert")
+
+
+def _crafted_torch_dist(hf, root, payload: bytes):
+    """A torch_dist folder whose common.pt is valid and whose `.metadata` is `payload`."""
+    from seesaw_mc.checkpoints.megatron_args import args_namespace
+    from seesaw_mc.model_spec import load_model_args
+
+    d = root / "iter_0000001"
+    d.mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("1")
+    (d / "metadata.json").write_text('{"sharded_backend": "torch_dist", "sharded_backend_version": 1, '
+                                     '"common_backend": "torch", "common_backend_version": 1}')
+    torch.save({"args": args_namespace(load_model_args(hf)), "checkpoint_version": 3.0, "iteration": 1},
+               d / "common.pt")
+    (d / ".metadata").write_bytes(payload)
+    return root
+
+
+def _global_call(module, name, *args):
+    """A pickle that calls module.name(*args) (STACK_GLOBAL, REDUCE): what a crafted file does."""
+    def s(x):
+        return b"\x8c" + bytes([len(x.encode())]) + x.encode()
+
+    return b"\x80\x04" + s(module) + s(name) + b"\x93" + b"(" + b"".join(map(s, args)) + b"tR."
+
+
+@pytest.mark.parametrize("module,name,mode", [("builtins", "open", ("w",)),
+                                              # a dotted name reaches os through a module that imports it
+                                              ("torch.distributed.checkpoint.filesystem", "os.mkdir", ())])
+def test_crafted_metadata_is_refused(tiny_models, tmp_path, module, name, mode):
+    """Issue 15 item 4: a torch_dist `.metadata` that would run code when unpickled is refused
+    with one line, and its code never runs."""
+    marker = tmp_path / "ran"
+    payload = _global_call(module, name, str(marker), *mode)
+    d = _crafted_torch_dist(tiny_models["llama"], tmp_path / "ckpt", payload)
+    r = run_cli("convert", "--input", str(d), "--output", str(tmp_path / "out"))
+    assert not marker.exists(), "the checkpoint's code ran"
+    assert_one_line(r, f"would run {module}.{name} when unpickled")
+    assert "--trust-checkpoint" in r.stderr
+
+
+def test_checkpoint_pickles_leave_the_global_allow_list_alone(tiny_models, tmp_path):
+    """Issue 15 item 4: reading a checkpoint's pickles must not widen torch's process-wide
+    weights_only allow-list (torch.serialization.add_safe_globals), for us or our importers.
+    In a fresh process: other tests here allow-list Namespace themselves."""
+    d = _crafted_torch_dist(tiny_models["llama"], tmp_path / "ckpt", b"")
+    code = ("import argparse, sys, torch\n"
+            "from seesaw_mc.checkpoints.megatron_args import load_pt\n"
+            "assert load_pt(sys.argv[1])['args'].num_layers == 5\n"
+            "print(argparse.Namespace in torch.serialization.get_safe_globals())\n")
+    r = subprocess.run([sys.executable, "-c", code, str(d / "iter_0000001" / "common.pt")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False", "argparse.Namespace is now allow-listed for the whole process"
+
+
+def test_dcp_reads_metadata_through_the_allow_list_during_the_load(tmp_path):
+    """Issue 15 item 4: while we load, torch DCP's own read of `.metadata` is restricted too,
+    so a file swapped after the check cannot run code; outside the load, DCP is untouched."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from seesaw_mc.checkpoints.dcp_metadata import RefusedGlobal, restricted_metadata_reads
+
+    marker = tmp_path / "ran"
+    (tmp_path / ".metadata").write_bytes(_global_call("builtins", "open", str(marker), "w"))
+    with restricted_metadata_reads():
+        with pytest.raises(RefusedGlobal, match="builtins.open"):
+            FileSystemReader(str(tmp_path)).read_metadata()
+    assert not marker.exists()
+    import pickle
+
+    from torch.distributed.checkpoint import filesystem
+    assert filesystem.pickle is pickle

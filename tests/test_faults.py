@@ -15,16 +15,23 @@ pytestmark = pytest.mark.slow
 
 
 def run_job(model, inp, out, fault=None, extra=()):
+    """-> (result, seconds from the fault to the job's exit, or None without a fault). Timed
+    from the fault, not the start: a busy machine slows the model load, not the stop."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("SEESAW_FAULT", None)
+    fired = os.path.join(os.path.dirname(str(out)), "fault-fired")
     if fault:
         env["SEESAW_FAULT"] = fault
+        env["SEESAW_FAULT_FIRED_FILE"] = fired
     cmd = [sys.executable, "-m", "seesaw_mc", "generate", "--model", model, "--input", inp, "--output", str(out),
            "--layouts", "P2->T2", "--nproc-per-node", "2", "--ignore-eos", "--max-num-seqs", "4",
            "--num-host-blocks", "20", "--num-device-blocks", "16", "--block-size", "4", *extra]
-    t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    return r, time.time() - t0
+    if not fault:
+        return r, None
+    assert os.path.exists(fired), "the fault never fired"
+    with open(fired) as f:
+        return r, time.time() - float(f.read())
 
 
 def error_lines(stderr):
@@ -43,6 +50,8 @@ def leftovers(out):
 
 @pytest.mark.parametrize("fault,rank", [("1:prefill:2", 1), ("0:prefill:3", 0), ("1:transition:1", 1)])
 def test_dead_rank(tiny_models, tmp_path, fault, rank):
+    """A killed rank stops the job within seconds of its death (Issue 15 item 8: timed from
+    the fault, so that a slow start-up on a busy machine does not fail it)."""
     model = tiny_models["llama"]
     inp = write_jsonl(tmp_path / "in.jsonl", [dict(p, max_tokens=12) for p in prompts(30, seed=3)])
     out = tmp_path / "out.jsonl"
@@ -52,7 +61,10 @@ def test_dead_rank(tiny_models, tmp_path, fault, rank):
     lines = error_lines(r.stderr)
     assert len(lines) == 1, r.stderr
     assert f"rank {rank}" in lines[0] and "--resume" in lines[0]
-    assert took < 60, took  # model load included; the collective timeout (600 s) is never waited for
+    # Issue 15 item 8: was `took < 60` from the start, model load included, which a busy
+    # machine broke. From the fault on it is teardown only, and far below the collective
+    # timeout (600 s), which is thus never waited for.
+    assert took < 60, took
     procs, shm = leftovers(out)
     assert not procs, procs
     assert shm <= shm_before, shm - shm_before
@@ -63,6 +75,7 @@ def test_dead_rank(tiny_models, tmp_path, fault, rank):
 
 
 def test_hung_rank_stops_the_job_after_the_collective_timeout(tiny_models, tmp_path):
+    """Issue 15 item 8: timed from the hang (5 s timeout + teardown), not from the start."""
     model = tiny_models["llama"]
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(20, seed=4))
     out = tmp_path / "out.jsonl"

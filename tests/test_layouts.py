@@ -75,6 +75,24 @@ def test_two_ranks(tiny_models, tmp_path, family):
         assert swap["prefetch_blocks"] > 0 and swap["offload_blocks"] > 0, (name, swap)
 
 
+def test_host_tier_size_agreed_across_ranks(tiny_models, tmp_path):
+    """Issue 15 item 1: ranks that read different MemAvailable still size the host tier alike.
+    Local rank 0 makes the file in its shape, every rank views it in its own (HND strides
+    depend on the block count), and the leader hands out block ids: all take the smallest
+    count, and tokens still equal HF."""
+    from seesaw_mc.model_spec import kv_bytes, load_model_args
+
+    model = tiny_models["llama"]
+    args = load_model_args(model)
+    per_block = kv_bytes(args.num_layers, 4, args.num_kv_heads, args.head_dim, 4)  # fp32 on CPU, 4-token blocks
+    # A quarter of MemAvailable (host_memory_fraction): 45 blocks for the leader, 30 for rank 1.
+    mem = [int((n + 0.5) * per_block / 0.25) for n in (45, 30)]
+    case = dict(cases(model, [("pp2", "tp2")], 12, host_blocks=None)[0], mem_available=mem)
+    res = torchrun(2, {"cases": [case]}, tmp_path)
+    assert res["pp2->tp2"]["host_blocks"] == 30
+    check(res, model, 12, {"pp2->tp2"})
+
+
 def test_four_ranks(tiny_models, tmp_path):
     spec = {"cases": cases(tiny_models["llama"], [("tp2pp2", "tp2pp2"), ("pp4", "tp2pp2")], 12)}
     res = torchrun(4, spec, tmp_path)

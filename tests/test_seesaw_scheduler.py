@@ -114,7 +114,8 @@ def test_small_tiers_preempt_and_finish_everything(device_blocks, host_blocks):
 
 
 def test_no_starvation_fifo_admission():
-    """A long prompt at the head is not overtaken by short ones behind it."""
+    """A long prompt at the head is not overtaken by short ones behind it, and every request
+    gets its tokens (Issue 15 item 8: the second check was always true)."""
     device = BlockManager(100, 4)
     host = BlockManager(100, 4, table="host_block_table")
     sched = SeesawScheduler(device, host, max_num_seqs=8, max_num_batched_tokens=1000)
@@ -125,10 +126,10 @@ def test_no_starvation_fifo_admission():
     sched.add(long_one)
     for s in shorts[15:]:
         sched.add(s)
-    max_new = {s.request_id: 5 for s in shorts + [long_one]}
     finished, _ = drive(sched, [(s, 5) for s in shorts + [long_one]])
     assert finished.index("long") < max(finished.index(f"s{i}") for i in range(15, 20))
-    assert len(finished) == 21 and max_new
+    # Issue 15 item 8: this used to read `and max_new`, a non-empty dict, always true.
+    assert len(finished) == 21 and all(s.num_output_tokens == 5 for s in shorts + [long_one])
 
 
 def test_never_fitting_prompt_rejected():

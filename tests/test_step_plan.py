@@ -48,3 +48,26 @@ def test_preempted_sequence_is_resent_whole():
     assert plan.freed == [s.seq_id] and plan.new[0].token_ids == [1, 2, 3]
     got = mirror.apply(plan)
     assert got[0].token_ids == [1, 2, 3] and got[0].num_prompt_tokens == 2 and got[0].block_table == [5]
+
+
+def test_freed_survive_a_step_with_nothing_to_run():
+    """Issue 15 item 8: a scheduled step with nothing to compute or copy (plan_step -> None)
+    must not drop what the leader forgot that step; the next plan carries it, so the
+    followers' mirrors do not keep (leak) sequences the leader has let go."""
+    from seesaw_mc.core.scheduler import Phase, SchedulerOutput
+
+    p = SamplingParams(temperature=0)
+    a, b = Sequence("a", 0, [1, 2, 3], p, seed=0), Sequence("b", 0, [4, 5], p, seed=0)
+    a.block_table, b.block_table = [0], [1]
+    builder, mirror = PlanBuilder(), SequenceMirror()
+    mirror.apply(builder.plan_step(SchedulerOutput(Phase.PREFILL, [a, b])))
+    b.token_ids.append(6)
+    builder.after_step(SchedulerOutput(Phase.PREFILL, [a, b]), [a])  # a finished in that step
+    # Nothing runs next step (e.g. b was preempted and waits): no plan goes out.
+    assert builder.plan_step(SchedulerOutput(Phase.DECODE, [], preempted=[b])) is None
+    c = Sequence("c", 0, [7], p, seed=0)
+    c.block_table = [2]
+    plan = builder.plan_step(SchedulerOutput(Phase.PREFILL, [c]))
+    assert sorted(plan.freed) == sorted([a.seq_id, b.seq_id])
+    mirror.apply(plan)
+    assert set(mirror.seqs) == {c.seq_id}

@@ -1,6 +1,7 @@
 """What Megatron-LM saves beside the weights: the training args (-> ModelArgs and back), and
 the pickles that hold them, read with `weights_only=True` (argparse.Namespace and the numpy
-types Megatron-LM stores allow-listed), never unpickled freely. Optimizer state is never read.
+types Megatron-LM stores allow-listed, for the call only), never unpickled freely; a
+torch_dist `.metadata` goes through dcp_metadata.py's allow-list. Optimizer state is never read.
 
 Hyper-parameters come from the saved args; what the engine cannot run (MoE, LayerNorm, GELU,
 learned positions, biases, QK-norm) is rejected with one line.
@@ -34,10 +35,16 @@ def _safe_globals() -> list:
     return out
 
 
+def allowed_globals():
+    """The allow-list for torch.load(weights_only=True), for the `with` block only:
+    add_safe_globals would widen it for the whole process, and for whoever imports us."""
+    return torch.serialization.safe_globals(_safe_globals())
+
+
 def load_pt(path: str):
-    torch.serialization.add_safe_globals(_safe_globals())
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with allowed_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"checkpoint file {path} is missing") from None
     except Exception as e:  # truncated zip, bad pickle, a global outside the allow-list...

@@ -125,7 +125,7 @@ _FAULT_COUNTS: dict = {}
 def fault_point(name: str) -> None:
     """SEESAW_FAULT="RANK:POINT:N[:hang]" SIGKILLs (or SIGSTOPs: a hung rank) rank RANK the
     N-th time it reaches POINT ("prefill", "transition"): how the tests fail a rank at a
-    precise moment."""
+    precise moment. SEESAW_FAULT_FIRED_FILE, if set, gets the wall-clock time it fired."""
     spec = os.environ.get("SEESAW_FAULT")
     if not spec:
         return
@@ -134,6 +134,12 @@ def fault_point(name: str) -> None:
         return
     _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
     if _FAULT_COUNTS[name] == int(n):
+        fired = os.environ.get("SEESAW_FAULT_FIRED_FILE")
+        if fired:  # the tests time the stop from here: start-up time depends on the machine's load
+            import time
+
+            with open(fired, "w") as f:
+                f.write(repr(time.time()))
         os.kill(os.getpid(), signal.SIGSTOP if how == ["hang"] else signal.SIGKILL)
 
 

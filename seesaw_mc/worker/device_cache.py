@@ -77,6 +77,15 @@ class DeviceKVBuffer:
         return KVCacheViews([(cache[i, 0], cache[i, 1]) for i in range(num_layers)], kv_heads)
 
 
+def min_over_ranks(n: int) -> int:
+    """The smallest `n` of all ranks (collective): a size every rank must agree on."""
+    if dist.get_world_size() > 1:
+        t = torch.tensor([n], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        n = int(t.item())
+    return n
+
+
 def host_kv_budget(cache_cfg) -> int:
     """Bytes of the host KV tier per node (see CacheConfig.host_memory_bytes)."""
     if cache_cfg.host_memory_bytes is not None:
@@ -99,10 +108,7 @@ def allocate_device_kv(config, args, groups: dict, dtype: torch.dtype, device: t
         budget = device_kv_budget(c, device, max(shape.shard_bytes(g.layout) for g in groups.values()))
         most = config.scheduler.max_num_seqs * (-(-max_model_len // c.block_size))
         n = min(min(budget // b for b in per_block.values()), most)
-        if dist.get_world_size() > 1:
-            t = torch.tensor([n], dtype=torch.long)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            n = int(t.item())
+        n = min_over_ranks(n)
         if n < 1:
             raise CapacityError(f"KV cache budget of {budget} bytes holds no {c.block_size}-token block "
                                 f"({max(per_block.values())} bytes each); raise kv_cache_memory_bytes")

@@ -16,6 +16,7 @@ import torch
 
 from seesaw_mc.model_spec import kv_bytes
 from seesaw_mc.worker.device_cache import KVCacheViews, host_kv_budget
+from seesaw_mc.worker.node_files import create_exclusive
 
 
 def num_host_blocks(config, args, layout, dtype: torch.dtype, local_world: int) -> int:
@@ -43,7 +44,7 @@ class HostKVBuffer:
         nbytes = math.prod(shape) * dtype.itemsize
         if create:
             # Sparse file in shared memory: pages exist only once written.
-            with open(path, "wb") as f:
+            with create_exclusive(path) as f:
                 f.truncate(nbytes)
         buf = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         return cls(buf.view(dtype).view(shape), dp_rank)

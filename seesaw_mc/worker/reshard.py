@@ -23,7 +23,7 @@ from seesaw_mc.model.sharding import fc1_interleave_factor, interleave_fc1, shar
 from seesaw_mc.model_spec import ModelArgs
 from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.parallel.procs import fault_point
-from seesaw_mc.worker.node_files import node_shared
+from seesaw_mc.worker.node_files import create_exclusive, node_shared
 
 
 class MasterWeights:
@@ -67,7 +67,7 @@ class MasterWeights:
     @staticmethod
     def write(path: str, tensors, dtype: torch.dtype) -> dict:
         index, off = {}, 0
-        with open(path, "wb") as f:
+        with create_exclusive(path) as f:
             for name, t in tensors:
                 t = t.to(dtype).contiguous()
                 raw = t.view(torch.uint8).reshape(-1)
@@ -173,7 +173,7 @@ class Resharder:
             tensors = ((n, interleave_fc1(t, self.fc1_pairs) if n.endswith("linear_fc1.weight") else t)
                        for n, t in iter_megatron_tensors(model_dir, self.args))
             index = MasterWeights.write(path, tensors, self.dtype)
-            with open(path + ".json", "w") as f:
+            with create_exclusive(path + ".json", "w") as f:
                 json.dump(index, f)
 
         def open_(path):

@@ -23,7 +23,7 @@ from seesaw_mc.parallel.procs import fault_point
 from seesaw_mc.sampling import Sampler
 from seesaw_mc.worker.device_cache import allocate_device_kv
 from seesaw_mc.worker.kv_tiers import KVTiers
-from seesaw_mc.worker.node_files import job_id
+from seesaw_mc.worker.node_files import job_files
 from seesaw_mc.worker.reshard import Resharder
 
 
@@ -54,18 +54,19 @@ class ModelRunner:
         self.rank = dist.get_rank()
         kernels = select_kernels(config.kernels, self.device, dtype, args.hidden_size, args.rms_norm_eps,
                                  log_once=self.rank == 0)
-        job = job_id()
-        self.weights = Resharder(config, args, dtype, self.device, max_model_len, layouts, job, kernels)
-        self.allreduce, self.shm_allreduce = start_tp_allreduce(allreduce)
-        first = self.weights.groups["prefill"]
-        self.replica_group = first.pgs.mp
-        self.leader_rank = first.dp_rank * first.layout.tp * first.layout.pp
-        self.is_leader = self.rank == self.leader_rank
-        self.replica_size = first.layout.tp * first.layout.pp
-        # Weights first: on CUDA the KV budget is what is free once they are loaded.
-        num_blocks, buffer = allocate_device_kv(config, args, self.weights.groups, dtype, self.device, max_model_len)
-        self.kv = KVTiers(config, args, dtype, self.device, self.weights.groups, self.weights.models, num_blocks,
-                          buffer, job, mc.local_world_size(dist.get_world_size()))
+        with job_files() as job:  # the job's shared files exist only within this block
+            self.weights = Resharder(config, args, dtype, self.device, max_model_len, layouts, job, kernels)
+            self.allreduce, self.shm_allreduce = start_tp_allreduce(allreduce)
+            first = self.weights.groups["prefill"]
+            self.replica_group = first.pgs.mp
+            self.leader_rank = first.dp_rank * first.layout.tp * first.layout.pp
+            self.is_leader = self.rank == self.leader_rank
+            self.replica_size = first.layout.tp * first.layout.pp
+            # Weights first: on CUDA the KV budget is what is free once they are loaded.
+            num_blocks, buffer = allocate_device_kv(config, args, self.weights.groups, dtype, self.device,
+                                                    max_model_len)
+            self.kv = KVTiers(config, args, dtype, self.device, self.weights.groups, self.weights.models, num_blocks,
+                              buffer, job, mc.local_world_size(dist.get_world_size()))
         self.sampler = Sampler()
 
     # What the engine, the benchmarks and the tests read of a rank.
