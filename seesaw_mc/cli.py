@@ -142,7 +142,9 @@ def _close_distributed() -> None:
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return
     if dist.get_world_size() > 1:
-        dist.barrier()
+        from seesaw_mc.parallel.megatron_adapter import control_group
+
+        dist.barrier(group=control_group())
     dist.destroy_process_group()
 
 

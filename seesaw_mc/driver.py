@@ -102,6 +102,8 @@ def _broadcast_from_rank0(obj):
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
+    from seesaw_mc.parallel.megatron_adapter import control_group
+
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control_group())
     return box[0]

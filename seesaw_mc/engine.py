@@ -223,7 +223,7 @@ class LLMEngine:
         import torch.distributed as dist
 
         out = [None] * self.dp_size
-        dist.all_gather_object(out, obj, group=self.runner.groups["prefill"].pgs.dp)
+        dist.all_gather_object(out, obj, group=self.runner.groups["prefill"].control_dp)
         return out
 
     def finish_run(self, payload=None):

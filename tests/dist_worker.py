@@ -14,6 +14,13 @@ def prompts_for(seed, n=10, vocab=320, lo=2, hi=40):
     return [[rng.randrange(3, vocab - 3) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
+def logprob_rows(outs):
+    """Per request: its greedy tokens and, per position, {token: logprob} of the top-N."""
+    return [{"tokens": o.outputs[0].token_ids,
+             "top": [{str(t): lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs]}
+            for o in outs]
+
+
 def main():
     from seesaw_mc import LLM, SamplingParams
 
@@ -34,6 +41,10 @@ def main():
         m = llm.engine.metrics()
         sampled = llm.generate(prompts[:4], [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=40 + i)
                                              for i in range(4)], use_tqdm=False)
+        if case.get("logprobs"):
+            outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=case["max_tokens"],
+                                                        logprobs=case["logprobs"]), use_tqdm=False)
+            results[case["name"] + ":logprobs"] = logprob_rows(outs)
         results[case["name"]] = {
             "greedy": [o.outputs[0].token_ids for o in greedy],
             "prompts": [o.prompt_token_ids for o in greedy],

@@ -33,7 +33,8 @@ def build_tokenizer(out_dir: str, vocab_size: int = 320):
 
 
 def build_model(kind: str, out_dir: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-                tied: bool = False, seed: int = 0, vocab_size: int = 320, max_pos: int = 512) -> str:
+                tied: bool = False, seed: int = 0, vocab_size: int = 320, max_pos: int = 512,
+                initializer_range: float = 0.15) -> str:
     """Save a random HF model of the given family (llama | mistral | qwen2) plus tokenizer."""
     import transformers as tf
 
@@ -47,7 +48,7 @@ def build_model(kind: str, out_dir: str, *, layers: int = 2, hidden: int = 64, h
               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
               # A larger init than the default 0.02 gives peaked logits: greedy ties between
               # nearly equal logits would make a token-exact comparison flaky.
-              initializer_range=0.15)
+              initializer_range=initializer_range)
     if kind == "mistral":
         kw["sliding_window"] = max_pos
     torch.manual_seed(seed)

@@ -39,6 +39,33 @@ def _merge_row(shards: List[torch.Tensor]) -> torch.Tensor:
     return torch.cat(shards, dim=1)
 
 
+def lcm_of(tp_degrees) -> int:
+    m = 1
+    for t in tp_degrees:
+        m = m * t // math.gcd(m, t)
+    return m
+
+
+def chunk_row(full: torch.Tensor, chunks: int) -> torch.Tensor:
+    """[out, in] -> [chunks, out, in/chunks], contiguous: a row-parallel shard of [out, in] is a
+    strided column slice, and a strided pinned source makes a GPU copy synchronous (it is made
+    contiguous in pageable memory first). Stored this way, with `chunks` the lcm of the layouts'
+    TP degrees, every layout's shard is a contiguous run of chunks. Unchanged if `in` does not
+    divide."""
+    if chunks == 1 or full.dim() != 2 or full.shape[1] % chunks:
+        return full
+    return full.reshape(full.shape[0], chunks, -1).permute(1, 0, 2).contiguous()
+
+
+def unchunk_row(shard: torch.Tensor) -> torch.Tensor:
+    """A run of chunk_row chunks [m, out, in/chunks] -> the [out, m * in/chunks] weight."""
+    return shard.permute(1, 0, 2).reshape(shard.shape[1], -1)
+
+
+def shard_shape(shard: torch.Tensor) -> tuple:
+    return (shard.shape[1], shard.shape[0] * shard.shape[2]) if shard.dim() == 3 else tuple(shard.shape)
+
+
 # ---- linear_qkv: rows packed per query group, a rank owns whole groups ------------------------
 def _split_qkv(full: torch.Tensor, rank: int, size: int, num_groups: int) -> torch.Tensor:
     grouped = full.reshape(num_groups, -1, *full.shape[1:])
@@ -65,9 +92,7 @@ def _merge_fc1(shards: List[torch.Tensor]) -> torch.Tensor:
 def fc1_interleave_factor(ffn_hidden_size: int, tp_degrees) -> int:
     """How many [gate_c; up_c] pairs the master fc1 is stored as: the lcm of the layouts' TP
     degrees, so that every layout's TP shard is a contiguous run of pairs (a view)."""
-    m = 1
-    for t in tp_degrees:
-        m = m * t // math.gcd(m, t)
+    m = lcm_of(tp_degrees)
     return m if ffn_hidden_size % m == 0 else 1
 
 
@@ -97,9 +122,9 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, num_
                  fc1_pairs: int = 1) -> torch.Tensor:
     """The TP shard of a full Megatron-named tensor (a view when tp_size == 1). fc1_pairs: how
     the master linear_fc1 is interleaved (see interleave_fc1)."""
+    rule = tp_rule(name)
     if tp_size == 1:
         return full
-    rule = tp_rule(name)
     if rule == "qkv":
         return _split_qkv(full, tp_rank, tp_size, num_kv_heads)
     if rule == "fc1":
@@ -107,6 +132,8 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, num_
             return full.chunk(tp_size, dim=0)[tp_rank]  # whole pairs: a view
         return _split_fc1(full, tp_rank, tp_size)
     if rule == "row":
+        if full.dim() == 3:  # chunk_row's layout: whole chunks, contiguous
+            return full.chunk(tp_size, dim=0)[tp_rank]
         return _split_row(full, tp_rank, tp_size)
     if rule == "vocab":
         return _split_vocab(full, tp_rank, tp_size)

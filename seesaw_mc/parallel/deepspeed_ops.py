@@ -148,7 +148,7 @@ def start_tp_allreduce(backend: str) -> Tuple[str, Optional[Callable]]:
         return backend, None
     module, why = load_shm_op()
     ok = torch.tensor([1 if module is not None else 0], dtype=torch.long)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank must agree before the op's set-up
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=mc.control_group())  # every rank agrees before set-up
     if not ok.item():
         if dist.get_rank() == 0:
             logging.getLogger("seesaw_mc").warning(

@@ -135,13 +135,30 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     die_with_parent()
     backend = backend or ("nccl" if HAS_CUDA else "gloo")
     timeout = datetime.timedelta(seconds=timeout_s)
+    if HAS_CUDA:
+        # Before anything allocates: megatron-core allocates on torch.cuda.current_device(),
+        # which is cuda:0 on every rank until this is set.
+        torch.cuda.set_device(default_device())
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    global _CONTROL
+    _CONTROL = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     from seesaw_mc.parallel.procs import record_peers
 
     record_peers()
+
+
+_CONTROL = None
+
+
+def control_group():
+    """The group for control traffic over the whole job: pickled objects and small CPU tensors
+    (plans, sizes agreed by MIN, peers). NCCL takes only CUDA tensors, so under NCCL this is a
+    gloo side group, as megatron-core keeps gloo twins of its groups; None (the default
+    group) when that is gloo already."""
+    return _CONTROL
 
 
 def set_tp_allreduce(world_reduce, world_size: int) -> None:
@@ -206,6 +223,10 @@ class LayoutGroups:
     layer_start: int
     layer_end: int
     comm: Optional[P2PCommunicator] = None
+    control_mp: object = None
+    """This replica's ranks (tp x pp) for control traffic: gloo under NCCL (see control_group)."""
+    control_dp: object = None
+    """The DP group for control traffic (gathering results across replicas)."""
 
     @property
     def tp_group(self):
@@ -251,7 +272,11 @@ def build_layout_groups(layouts: Dict[str, object], num_layers: int, config_for_
         tp_rank, rest = rank % lay.tp, rank // lay.tp
         pp_rank, dp_rank = rest % lay.pp, rest // lay.pp
         start, end = stage_layer_range(num_layers, lay.pp, pp_rank)
-        g = LayoutGroups(name, lay, pgs, tp_rank, pp_rank, dp_rank, start, end)
+        g = LayoutGroups(name, lay, pgs, tp_rank, pp_rank, dp_rank, start, end, control_mp=pgs.mp,
+                         control_dp=pgs.dp)
+        if control_group() is not None:
+            twins = HyperCommGrid([lay.tp, lay.pp, lay.dp], ["tp", "pp", "dp"], backend="gloo")
+            g.control_mp, g.control_dp = twins.create_pg(["tp", "pp"]), twins.create_pg("dp")
         if lay.pp > 1:
             with cpu_device_shim():
                 g.comm = P2PCommunicator(pp_group=pgs.pp, config=config_for_p2p)

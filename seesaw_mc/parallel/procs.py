@@ -49,7 +49,9 @@ def record_peers() -> None:
     if dist.get_world_size() == 1:
         return
     peers = [None] * dist.get_world_size()
-    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    from seesaw_mc.parallel.megatron_adapter import control_group
+
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=control_group())
     _PEERS = peers
 
 

@@ -27,9 +27,10 @@ def available_host_bytes() -> int:
     return 8 * _GiB
 
 
-def device_kv_budget(cache_cfg, device: torch.device, shard_bytes: float = 0.0) -> int:
-    """Bytes the device KV tier may use (see CacheConfig for the rule); `shard_bytes`: the
-    largest weight shard a rank holds, counted against an emulated device capacity."""
+def device_kv_budget(cache_cfg, device: torch.device, shard_bytes: float = 0.0, resident_bytes: float = 0.0) -> int:
+    """Bytes the device KV tier may use (see CacheConfig for the rule). `shard_bytes`: the
+    largest weight shard a rank holds in any layout; `resident_bytes`: the weights on the
+    device now (one layout's shard: a transition swaps it for the other's)."""
     if cache_cfg.device_memory_bytes is not None:
         return int(cache_cfg.device_memory_bytes)
     if cache_cfg.device_capacity_bytes is not None:
@@ -38,10 +39,14 @@ def device_kv_budget(cache_cfg, device: torch.device, shard_bytes: float = 0.0) 
 
     local_ranks = max(1, local_world_size(1))
     if device.type == "cuda":
+        # megatron-core's placeholder weights were released: hand their cached blocks back to the
+        # device first, or mem_get_info counts them as used.
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
-        used = total - free
+        others = (total - free) - resident_bytes  # all but the weights now loaded
+        # Whichever layout is active, its shard must fit next to the KV: count the largest.
         # Leave 10% of what remains for activations and the allocator's slack.
-        return max(0, int((total * cache_cfg.device_memory_fraction - used) * 0.9))
+        return max(0, int((total * cache_cfg.device_memory_fraction - others - shard_bytes) * 0.9))
     # The CPU "device" shares RAM with the weights, the host tier and everything else.
     return int(min(1 * _GiB, cache_cfg.device_memory_fraction * available_host_bytes() / 4) / local_ranks)
 
@@ -80,8 +85,10 @@ class DeviceKVBuffer:
 def min_over_ranks(n: int) -> int:
     """The smallest `n` of all ranks (collective): a size every rank must agree on."""
     if dist.get_world_size() > 1:
-        t = torch.tensor([n], dtype=torch.long)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        from seesaw_mc.parallel.megatron_adapter import control_group
+
+        t = torch.tensor([n], dtype=torch.long)  # a CPU tensor: over the gloo control group
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=control_group())
         n = int(t.item())
     return n
 
@@ -94,9 +101,10 @@ def host_kv_budget(cache_cfg) -> int:
 
 
 def allocate_device_kv(config, args, groups: dict, dtype: torch.dtype, device: torch.device,
-                       max_model_len: int) -> Tuple[int, DeviceKVBuffer]:
+                       max_model_len: int, resident_bytes: int = 0) -> Tuple[int, DeviceKVBuffer]:
     """The device tier's block count (the same on every rank: MIN over the world) and buffer,
-    big enough for the block shape of every layout in `groups`."""
+    big enough for the block shape of every layout in `groups`; `resident_bytes`: the weights
+    loaded on the device now."""
     c = config.cache
     per_block = {n: kv_bytes(g.layer_end - g.layer_start, c.block_size, args.num_kv_heads // g.layout.tp,
                              args.head_dim, dtype.itemsize)
@@ -105,7 +113,8 @@ def allocate_device_kv(config, args, groups: dict, dtype: torch.dtype, device: t
         n = c.num_device_blocks
     else:
         shape = ModelShape.from_model_args(args, dtype.itemsize)
-        budget = device_kv_budget(c, device, max(shape.shard_bytes(g.layout) for g in groups.values()))
+        budget = device_kv_budget(c, device, max(shape.shard_bytes(g.layout) for g in groups.values()),
+                                  resident_bytes)
         most = config.scheduler.max_num_seqs * (-(-max_model_len // c.block_size))
         n = min(min(budget // b for b in per_block.values()), most)
         n = min_over_ranks(n)

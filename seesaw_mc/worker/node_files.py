@@ -149,9 +149,11 @@ def job_id() -> str:
     """One id per job, the same on every rank: it names the job's shared files."""
     import torch.distributed as dist
 
+    from seesaw_mc.parallel.megatron_adapter import control_group
+
     obj = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
     if dist.get_world_size() > 1:
-        dist.broadcast_object_list(obj, src=0)
+        dist.broadcast_object_list(obj, src=0, group=control_group())
     return obj[0]
 
 
@@ -179,8 +181,10 @@ def job_files():
 def _node_barrier() -> None:
     import torch.distributed as dist
 
+    from seesaw_mc.parallel.megatron_adapter import control_group
+
     if dist.get_world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=control_group())
 
 
 def node_shared(job: str, kind: str, create, open_):

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from seesaw_mc.config import Layout
 from seesaw_mc.model.hf_import import iter_megatron_tensors
 from seesaw_mc.model.llama import CausalLM
-from seesaw_mc.model.sharding import fc1_interleave_factor, interleave_fc1, shard_tensor
+from seesaw_mc.model.sharding import (chunk_row, fc1_interleave_factor, interleave_fc1, lcm_of, shard_shape,
+                                     shard_tensor, tp_rule, unchunk_row)
 from seesaw_mc.model_spec import ModelArgs
 from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.parallel.procs import fault_point
@@ -123,9 +124,11 @@ def load_shards(model: CausalLM, shapes: Dict[str, tuple], tensors: Iterable[Tup
         for local in local_names(model, name):
             rule = "output_layer.weight" if local == "output_layer.weight" else name
             shard = shard_tensor(rule, full, model.tp_rank, model.tp_size, model.args.num_kv_heads, model.fc1_pairs)
-            if tuple(shard.shape) != shapes[local]:
-                raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {shapes[local]}")
+            if shard_shape(shard) != shapes[local]:
+                raise ValueError(f"{name}: shard {shard_shape(shard)} != parameter {shapes[local]}")
             data = shard.to(device=model.rope.device, dtype=model.config.params_dtype, non_blocking=non_blocking)
+            if data.dim() == 3:  # chunk_row's contiguous chunks, side by side again on the device
+                data = unchunk_row(data)
             if data.untyped_storage().data_ptr() != full.untyped_storage().data_ptr():
                 copied += data.numel() * data.element_size()
             params[local].data = data
@@ -149,6 +152,8 @@ class Resharder:
         self.groups = {name: groups[str(lay)] for name, lay in layouts.items()}
         self.switching = len(distinct) > 1
         self.fc1_pairs = fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
+        # CPU shards are views, strided or not; a GPU copies only contiguous pinned shards asynchronously.
+        self.row_chunks = lcm_of(lay.tp for lay in distinct.values()) if device.type == "cuda" else 1
         shards = {key: CausalLM(args, dtype, device, max_len=max_model_len, tp_group=g.tp_group,
                                 layer_start=g.layer_start, layer_end=g.layer_end, fc1_pairs=self.fc1_pairs,
                                 kernels=kernels)
@@ -167,11 +172,18 @@ class Resharder:
         self._load(self.models["prefill"])
         self.transitions: List[dict] = []
 
+    def _master_form(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """How a tensor is stored in the master so that every layout's shard is one view."""
+        if name.endswith("linear_fc1.weight"):
+            return interleave_fc1(full, self.fc1_pairs)
+        if tp_rule(name) == "row":
+            return chunk_row(full, self.row_chunks)
+        return full
+
     def _open_master(self, model_dir: str, job: str) -> "MasterWeights":
         """Local rank 0 converts the checkpoint once per node; every rank maps the result."""
         def create(path):
-            tensors = ((n, interleave_fc1(t, self.fc1_pairs) if n.endswith("linear_fc1.weight") else t)
-                       for n, t in iter_megatron_tensors(model_dir, self.args))
+            tensors = ((n, self._master_form(n, t)) for n, t in iter_megatron_tensors(model_dir, self.args))
             index = MasterWeights.write(path, tensors, self.dtype)
             with create_exclusive(path + ".json", "w") as f:
                 json.dump(index, f)
@@ -181,6 +193,12 @@ class Resharder:
                 return MasterWeights.open(path, json.load(f))
 
         return node_shared(job, "weights", create, open_)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the active layout's weights on the device (0 on CPU: views of the master)."""
+        if self.device.type != "cuda":
+            return 0
+        return sum(p.numel() * p.element_size() for p in self.models[self.active].parameters())
 
     def _load(self, model: CausalLM, non_blocking: bool = False) -> int:
         return load_shards(model, self._shapes[id(model)], self.master.tensors(), non_blocking)
@@ -214,7 +232,7 @@ class Resharder:
             self._weight_stream.synchronize()
             torch.cuda.current_stream(self.device).wait_stream(self._weight_stream)
         t3 = time.perf_counter()
-        dist.barrier(group=self.groups[name].pgs.mp)
+        dist.barrier(group=self.groups[name].control_mp)
         t4 = time.perf_counter()
         rec = {"from": old, "to": name, "weights_s": (t1 - t0) + (t3 - t2), "kv_drain_s": t2 - t1,
                "barrier_s": t4 - t3, "weight_bytes_copied": weight_bytes, "total_s": t4 - t0, "at": time.time()}

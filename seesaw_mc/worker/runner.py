@@ -58,13 +58,13 @@ class ModelRunner:
             self.weights = Resharder(config, args, dtype, self.device, max_model_len, layouts, job, kernels)
             self.allreduce, self.shm_allreduce = start_tp_allreduce(allreduce)
             first = self.weights.groups["prefill"]
-            self.replica_group = first.pgs.mp
+            self.replica_group = first.control_mp  # plans and sampled tokens: control traffic
             self.leader_rank = first.dp_rank * first.layout.tp * first.layout.pp
             self.is_leader = self.rank == self.leader_rank
             self.replica_size = first.layout.tp * first.layout.pp
             # Weights first: on CUDA the KV budget is what is free once they are loaded.
             num_blocks, buffer = allocate_device_kv(config, args, self.weights.groups, dtype, self.device,
-                                                    max_model_len)
+                                                    max_model_len, self.weights.resident_bytes())
             self.kv = KVTiers(config, args, dtype, self.device, self.weights.groups, self.weights.models, num_blocks,
                               buffer, job, mc.local_world_size(dist.get_world_size()))
         self.sampler = Sampler()
@@ -171,11 +171,11 @@ class ModelRunner:
         sampler = g.sampler_rank
         if sampler != self.leader_rank:
             if self.rank == sampler:
-                dist.send_object_list([out], dst=self.leader_rank)
+                dist.send_object_list([out], dst=self.leader_rank, group=self.replica_group)
                 return None
             if self.is_leader:
                 box = [None]
-                dist.recv_object_list(box, src=sampler)
+                dist.recv_object_list(box, src=sampler, group=self.replica_group)
                 return box[0]
         return out if self.is_leader else None
 
