@@ -16,17 +16,24 @@ import torch
 
 from seesaw_mc.model_spec import kv_bytes
 from seesaw_mc.worker.device_cache import KVCacheViews, host_kv_budget
-from seesaw_mc.worker.node_files import create_exclusive
+from seesaw_mc.worker.node_files import create_exclusive, shm_free_bytes
 
 
-def num_host_blocks(config, args, layout, dtype: torch.dtype, local_world: int) -> int:
-    """Host tier size: exact, or a byte budget per node split among its DP replicas."""
+def num_host_blocks(config, args, layout, dtype: torch.dtype, local_world: int) -> Tuple[int, int]:
+    """Host tier size: exact, or a byte budget per node split among its DP replicas; by
+    default no more than the shared-memory directory can hold. Returns (blocks per replica,
+    bytes the node's replicas write at most)."""
     c = config.cache
-    if c.num_host_blocks is not None:
-        return c.num_host_blocks
     per_block = kv_bytes(args.num_layers, c.block_size, args.num_kv_heads, args.head_dim, dtype.itemsize)
     replicas_here = max(1, min(layout.dp, local_world // (layout.tp * layout.pp)))
-    return max(1, host_kv_budget(c) // replicas_here // per_block)
+    if c.num_host_blocks is not None:
+        n = c.num_host_blocks
+    else:
+        budget = host_kv_budget(c)
+        if c.host_memory_bytes is None:  # the default: what RAM allows, and what the tmpfs has free
+            budget = min(budget, int(shm_free_bytes() * 0.9))
+        n = max(1, budget // replicas_here // per_block)
+    return n, n * per_block * replicas_here
 
 
 class HostKVBuffer:

@@ -16,7 +16,7 @@ import torch
 
 from seesaw_mc.worker.device_cache import DeviceKVBuffer, KVCacheViews, min_over_ranks
 from seesaw_mc.worker.host_tier import HostKVBuffer, Stager, num_host_blocks
-from seesaw_mc.worker.node_files import node_shared
+from seesaw_mc.worker.node_files import node_shared, require_shm, shm_free_bytes
 
 _KINDS = ("offload", "prefetch", "swap_in", "swap_out")
 
@@ -52,11 +52,14 @@ class KVTiers:
 
     def _open_host(self, config, args, dtype, job: str, local_world: int) -> None:
         g = self.groups["prefill"]
-        n = num_host_blocks(config, args, g.layout, dtype, local_world)
+        n, need = num_host_blocks(config, args, g.layout, dtype, local_world)
         # Each rank reads MemAvailable at its own moment; but the file's shape (local rank 0's)
         # and every rank's view of it (HND strides depend on the count) must agree, and so
         # must the leader's block ids: all ranks take the smallest count.
         self.num_host_blocks = n if config.cache.num_host_blocks is not None else min_over_ranks(n)
+        # Every rank judges by the same figure, so that all fail alike or none does.
+        require_shm(need * self.num_host_blocks // n, f"the host KV tier ({self.num_host_blocks} blocks)",
+                    "a smaller --host-memory-bytes or --num-host-blocks", free=min_over_ranks(shm_free_bytes()))
         shape = HostKVBuffer.shape(g.layout.dp, args.num_layers, args.num_kv_heads, self.num_host_blocks,
                                    config.cache.block_size, args.head_dim)
         self.host = node_shared(

@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import List, Optional
 
-from seesaw_mc.errors import SeesawError
+from seesaw_mc.errors import CapacityError, SeesawError
 
 PREFIX = "seesaw-"
 _UNMARKED_GRACE_S = 600.0
@@ -30,7 +30,28 @@ left alone this long: a live job unlinks its files once its ranks have mapped th
 
 
 def shm_dir() -> str:
+    """Where the shared files go: $SEESAW_SHM_DIR (e.g. a larger tmpfs), else /dev/shm."""
+    if os.environ.get("SEESAW_SHM_DIR"):
+        return os.environ["SEESAW_SHM_DIR"]
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def shm_free_bytes() -> int:
+    st = os.statvfs(shm_dir())
+    return st.f_bavail * st.f_frsize
+
+
+def require_shm(nbytes: int, what: str, smaller: str, free: Optional[int] = None) -> None:
+    """Fail in one line, before writing, when `what` (nbytes) cannot fit where shared files
+    go: a write past a full tmpfs fails with ENOSPC, and a sparse file's page faults past it
+    kill the process with SIGBUS in the middle of a run. `smaller`: the option that asks for less."""
+    d = shm_dir()
+    free = shm_free_bytes() if free is None else free
+    if nbytes > free:
+        raise CapacityError(
+            f"{d} has {free / 2**20:.0f} MiB free but {what} needs {nbytes / 2**20:.0f} MiB: give it more "
+            f"(a container's /dev/shm is 64 MiB unless run with --shm-size=... or --ipc=host), {smaller}, "
+            f"or set SEESAW_SHM_DIR to a directory on a larger tmpfs")
 
 
 def unlink_quietly(path: str) -> None:
@@ -187,6 +208,31 @@ def _node_barrier() -> None:
         dist.barrier(group=control_group())
 
 
+def _agree_created(error: Optional[BaseException]) -> None:
+    """A barrier that also carries local rank 0's failure to create a file to every rank, so
+    that all of them fail with its one line (and its exit code) instead of waiting for it."""
+    import torch.distributed as dist
+
+    from seesaw_mc import errors
+    from seesaw_mc.parallel.megatron_adapter import control_group
+
+    if error is None:
+        mine = None
+    elif isinstance(error, SeesawError):
+        mine = (type(error).__name__, str(error))
+    else:
+        mine = ("SeesawError", f"creating a shared file failed on another rank: {error!r}")
+    msgs = [mine]
+    if dist.get_world_size() > 1:
+        msgs = [None] * dist.get_world_size()
+        dist.all_gather_object(msgs, mine, group=control_group())
+    if error is not None:
+        raise error
+    failed = next((m for m in msgs if m), None)
+    if failed:
+        raise getattr(errors, failed[0], SeesawError)(failed[1])
+
+
 def node_shared(job: str, kind: str, create, open_):
     """Local rank 0 runs create(path), then every rank open_(path); returns what open_ gave."""
     import torch.distributed as dist
@@ -196,9 +242,13 @@ def node_shared(job: str, kind: str, create, open_):
     path = os.path.join(shm_dir(), f"{PREFIX}{job}-{kind}-{mc.node_rank()}")
     first = mc.local_rank(dist.get_rank()) == 0
     try:
+        error = None
         if first:
-            create(path)
-        _node_barrier()
+            try:
+                create(path)
+            except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised here
+                error = e
+        _agree_created(error)
         obj = open_(path)
         _node_barrier()
     finally:

@@ -9,6 +9,7 @@ copy, which every rank of a node maps once: on CPU a shard is a view and nothing
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -21,10 +22,10 @@ from seesaw_mc.model.hf_import import iter_megatron_tensors
 from seesaw_mc.model.llama import CausalLM
 from seesaw_mc.model.sharding import (chunk_row, fc1_interleave_factor, interleave_fc1, lcm_of, shard_shape,
                                      shard_tensor, tp_rule, unchunk_row)
-from seesaw_mc.model_spec import ModelArgs
+from seesaw_mc.model_spec import ModelArgs, megatron_tensor_shapes
 from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.parallel.procs import fault_point
-from seesaw_mc.worker.node_files import create_exclusive, node_shared
+from seesaw_mc.worker.node_files import create_exclusive, node_shared, require_shm
 
 
 class MasterWeights:
@@ -183,6 +184,9 @@ class Resharder:
     def _open_master(self, model_dir: str, job: str) -> "MasterWeights":
         """Local rank 0 converts the checkpoint once per node; every rank maps the result."""
         def create(path):
+            shapes = megatron_tensor_shapes(self.args).values()
+            need = sum(math.prod(s) * self.dtype.itemsize + MasterWeights.ALIGN for s in shapes)
+            require_shm(need, f"the weights ({self.dtype})", "a smaller --dtype")
             tensors = ((n, self._master_form(n, t)) for n, t in iter_megatron_tensors(model_dir, self.args))
             index = MasterWeights.write(path, tensors, self.dtype)
             with create_exclusive(path + ".json", "w") as f:
