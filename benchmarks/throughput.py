@@ -55,7 +55,7 @@ def run_seesaw(args, reqs) -> dict:
     pre, dec = Layout.parse_pair(args.layouts)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, prefill_layout=pre,
               decode_layout=dec, num_host_blocks=args.num_host_blocks, num_device_blocks=args.num_device_blocks,
-              allreduce=args.allreduce)
+              allreduce=args.allreduce, pipeline_depth=args.pipeline_depth)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
@@ -192,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-host-blocks", type=int, default=None, help="seesaw backend: host tier size (blocks)")
     p.add_argument("--allreduce", default="auto", help="seesaw backend: auto | gloo | deepspeed-shm | nccl")
     p.add_argument("--num-device-blocks", type=int, default=None, help="seesaw backend: device tier size (blocks)")
+    p.add_argument("--pipeline-depth", type=int, default=None,
+                   help="seesaw backend: steps in flight under pp (default: pp; 1: the pipeline drains every step)")
     p.add_argument("--mcore-layout", default=None, help="mcore-static backend: tp2, pp2... (default tp<world>)")
     p.add_argument("--mcore-checkpoint", default=None,
                    help="mcore-static backend: torch_dist folder (default: converted once into .cache/mcore/)")

@@ -141,6 +141,11 @@ class SchedulerConfig:
     """Only when prefill and decode layouts differ (SeesawScheduler): go back to prefill once
     the host tier holds nothing left to decode and the decode batch has fallen to this
     fraction of the largest batch of the current decode phase."""
+    pipeline_depth: Optional[int] = None
+    """Steps in flight under pipeline parallelism. None: the layout's pp, so that the next
+    step enters stage 0 while later stages finish the last ones, and decode runs pp groups of
+    sequences in turn (no stage waits on the last). 1: every step waits for its sampled tokens
+    (the pipeline fills and drains every step)."""
 
 
 @dataclass
@@ -190,6 +195,7 @@ class EngineConfig:
         "max_num_seqs": ("scheduler", "max_num_seqs"),
         "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
         "decode_watermark": ("scheduler", "decode_watermark"),
+        "pipeline_depth": ("scheduler", "pipeline_depth"),
     }
 
     @classmethod
@@ -240,6 +246,8 @@ class EngineConfig:
             raise ConfigError(f"max_num_batched_tokens must be a positive integer (got {s.max_num_batched_tokens!r})")
         if not 0.0 <= s.decode_watermark <= 1.0:
             raise ConfigError(f"decode_watermark must be in [0, 1] (got {s.decode_watermark!r})")
+        if s.pipeline_depth is not None and (not isinstance(s.pipeline_depth, int) or s.pipeline_depth < 1):
+            raise ConfigError(f"pipeline_depth must be a positive integer (got {s.pipeline_depth!r})")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ConfigError(f"max_model_len must be an integer >= 2 (got {self.max_model_len!r})")
         if self.prefill_layout.dp != self.decode_layout.dp:

@@ -117,6 +117,11 @@ class LLMEngine:
             from seesaw_mc.parallel.procs import Watchdog
 
             self.watchdog = Watchdog(config.collective_timeout_s)
+        # Steps issued whose tokens are not back: up to `depth` of them under pipeline parallelism.
+        self._in_flight: Deque[tuple] = deque()
+        self._depth = {name: sc.pipeline_depth or lay.pp for name, lay in layouts.items()}
+        self._pp = {name: lay.pp for name, lay in layouts.items()}
+        self.scheduler.decode_groups = self._depth["decode"]
         self.plans = PlanBuilder()
         self.mirror = SequenceMirror()
         self.requests: Dict[Any, _Request] = {}
@@ -170,20 +175,34 @@ class LLMEngine:
 
     # -- one step -----------------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
-        """Leader: schedule, tell the replica, run the step, hand the tokens to the scheduler,
-        collect finished requests."""
+        """Leader: schedule, tell the replica, run the step (this rank's stage of it), hand the
+        tokens of the oldest step in flight to the scheduler, collect finished requests.
+        Under pipeline parallelism up to `depth` steps are in flight: the next step's stage 0
+        runs while later stages finish the last one, whose tokens come back meanwhile."""
         if self.watchdog:
             self.watchdog.beat()
         out = self.scheduler.schedule()
         self.stats.preemptions = self.scheduler.num_preemptions
         plan = self.plans.plan_step(out)
-        if plan is None:
-            return []
+        if plan is None:  # nothing to issue now: wait for the oldest step in flight, if any
+            return self._collect() if self._in_flight else []
+        if out.phase is Phase.DECODE and self.scheduler.decode_groups > 1:
+            # One group per step: the groups in flight fill the pipeline, not micro-batches.
+            plan.num_microbatches = max(1, self._pp["decode"] // self.scheduler.decode_groups)
         self.runner.broadcast_plan(plan)
         t0 = time.perf_counter()
-        result = self.runner.execute(plan, out.seqs)
+        pending = self.runner.execute(plan, out.seqs)
         self._record_step(out, time.perf_counter() - t0)
-        done = self.scheduler.update_from_output(out, result)
+        self._in_flight.append((out, pending))
+        finished: List[RequestOutput] = []
+        while len(self._in_flight) >= self._depth[plan.kind]:
+            finished += self._collect()
+        return finished
+
+    def _collect(self) -> List[RequestOutput]:
+        """The oldest step in flight: its tokens to the scheduler; the requests it finished."""
+        out, pending = self._in_flight.popleft()
+        done = self.scheduler.update_from_output(out, self.runner.result(pending))
         self.plans.after_step(out, done)
         finished: List[RequestOutput] = []
         for seq in done:
@@ -215,6 +234,7 @@ class LLMEngine:
                     self.watchdog.disarm()
                 if isinstance(plan.payload, SeesawError):
                     raise plan.payload
+                self.runner.flush()
                 return plan.payload
             self.runner.execute(plan, self.mirror.apply(plan))
 

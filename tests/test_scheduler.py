@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from seesaw_mc.core.block_manager import BlockManager, blocks_needed
-from seesaw_mc.core.scheduler import Phase, Scheduler
+from seesaw_mc.core.scheduler import Phase, RunnerOutput, Scheduler
 from seesaw_mc.core.sequence import Sequence, SequenceStatus
 
 
@@ -67,24 +67,43 @@ def test_block_ids_unique_and_conserved():
         assert len(owned) + bm.num_free_blocks == 50
 
 
-def drive(sched, max_new, rng=None):
-    """Run the scheduler like the engine does; return (finished order, phases)."""
-    finished, phases = [], []
+def drive(sched, max_new, depth=1):
+    """Run the scheduler like the engine does, with up to `depth` steps in flight (pipeline
+    parallelism: a step's tokens come back after the next steps were scheduled); return
+    (finished order, phases)."""
+    from collections import deque
+
+    sched.stop_check = lambda s, tok: s.num_output_tokens >= max_new[s.request_id]
+    finished, phases, in_flight = [], [], deque()
+
+    def collect():
+        out = in_flight.popleft()
+        done = sched.update_from_output(out, RunnerOutput([1] * len(out.seqs), [None] * len(out.seqs)))
+        finished.extend(s.request_id for s in done)
+
     for _ in range(100000):
         if not sched.has_unfinished():
+            assert not in_flight and sched.steps_in_flight == 0
             return finished, phases
         out = sched.schedule()
+        if not out.seqs:
+            assert in_flight, "nothing scheduled and nothing in flight"
+            collect()
+            continue
         phases.append(out.phase)
         if out.phase is Phase.PREFILL:
             assert sum(len(s) for s in out.seqs) <= sched.max_num_batched_tokens or len(out.seqs) == 1
+        flying = {s.seq_id for o in in_flight for s in o.seqs}
+        flying_blocks = {b for o in in_flight for s in o.seqs for b in s.block_table}
         for s in out.seqs:
             assert s.status is SequenceStatus.RUNNING
+            assert s.seq_id not in flying, "a sequence scheduled again before its token is back"
             need = blocks_needed(len(s), sched.bm.block_size)
             assert len(s.block_table) >= need  # every token it computes has a slot
-            s.token_ids.append(1)
-            if s.num_output_tokens >= max_new[s.request_id]:
-                sched.finish(s)
-                finished.append(s.request_id)
+            assert not flying_blocks & set(s.block_table), "blocks of a step in flight reused"
+        in_flight.append(out)
+        while len(in_flight) >= depth:
+            collect()
     raise AssertionError("scheduler did not finish (livelock)")
 
 
@@ -106,6 +125,27 @@ def test_every_request_finishes_once_under_pressure(num_blocks):
     assert Phase.PREFILL in phases and Phase.DECODE in phases
 
 
+@pytest.mark.parametrize("num_blocks,depth", [(8, 2), (20, 2), (200, 2), (20, 4), (200, 4)])
+def test_steps_in_flight_under_pipeline_parallelism(num_blocks, depth):
+    """Issue 14 item 4: with pp steps in flight, decode runs pp groups in turn; nothing is
+    scheduled twice or evicted while its token is on the way, and nothing is lost."""
+    rng = random.Random(num_blocks * depth)
+    bm = BlockManager(num_blocks=num_blocks, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=16, max_num_batched_tokens=64)
+    sched.decode_groups = depth
+    max_new = {}
+    for i in range(60):
+        n = rng.randint(1, 12)
+        max_new[i] = rng.randint(1, num_blocks * 4 - n - 1 if num_blocks < 20 else 30)
+        sched.add(seq(n, rid=i))
+    finished, phases = drive(sched, max_new, depth=depth)
+    assert sorted(finished) == list(range(60))
+    assert bm.num_free_blocks == num_blocks
+    if num_blocks == 200:  # room for everyone: decode alternates between groups of ~1/depth
+        decode_steps = phases.count(Phase.DECODE)
+        assert decode_steps >= depth * 30 * 0.9, decode_steps
+
+
 def test_preempted_sequence_requeues_at_head_and_keeps_output():
     bm = BlockManager(num_blocks=3, block_size=2)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100, watermark=0)
@@ -114,8 +154,7 @@ def test_preempted_sequence_requeues_at_head_and_keeps_output():
     sched.add(b)
     out = sched.schedule()
     assert out.phase is Phase.PREFILL and out.seqs == [a, b]
-    a.token_ids.append(7)
-    b.token_ids.append(8)
+    sched.update_from_output(out, RunnerOutput([7, 8], [None, None]))
     out = sched.schedule()  # both need a 2nd block; only one is free -> b preempted
     assert out.phase is Phase.DECODE and out.seqs == [a] and out.preempted == [b]
     assert b.status is SequenceStatus.WAITING and list(sched.waiting) == [b]
@@ -141,7 +180,9 @@ def test_max_num_seqs_bounds_running():
     sched = Scheduler(bm, max_num_seqs=3, max_num_batched_tokens=1000)
     for i in range(5):
         sched.add(seq(2, i))
-    assert len(sched.schedule().seqs) == 3
+    out = sched.schedule()
+    assert len(out.seqs) == 3
+    sched.update_from_output(out, RunnerOutput([1] * 3, [None] * 3))
     out = sched.schedule()
     assert out.phase is Phase.DECODE and len(out.seqs) == 3
 

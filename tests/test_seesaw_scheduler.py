@@ -1,6 +1,7 @@
 """The transition-minimising scheduler over two KV tiers, with fake capacities (no torch)."""
 import math
 import random
+from collections import deque
 
 import pytest
 
@@ -24,23 +25,39 @@ def arxiv_like(n, seed=0, scale=1.0):
     return out
 
 
-def drive(sched, reqs, stats=None):
-    """Play the runner: schedule, then hand the step's tokens back (update_from_output).
-    Checks that only resident sequences are decoded: prefilled, swapped in before the step,
-    or prefetched during an earlier step (a background copy into blocks no one else uses)."""
+def drive(sched, reqs, stats=None, depth=1):
+    """Play the engine and the runner: schedule, run, hand the step's tokens back
+    (update_from_output), with up to `depth` steps in flight (pipeline parallelism: a step's
+    tokens come back after later steps were scheduled). Checks that only resident sequences
+    are decoded (prefilled, swapped in before the step, or prefetched during an earlier step),
+    and that no step touches a block that a background copy not yet waited for still uses."""
     max_new = {s.request_id: m for s, m in reqs}
     sched.stop_check = lambda s, tok: s.num_output_tokens >= max_new[s.request_id]
     finished, steps, phases = [], 0, []
     host_pairs_written = {}
     resident = set()
-    in_flight = set()  # device blocks of the last prefill step's offload
-    in_flight_ticket = None
+    copying = {}  # ticket -> device blocks of a background copy no step has waited for yet
+    in_flight = deque()
     stats = stats if stats is not None else {}
+
+    def collect():
+        out = in_flight.popleft()
+        done = sched.update_from_output(out, RunnerOutput([1] * len(out.seqs), [None] * len(out.seqs)))
+        finished.extend(s.request_id for s in done)
+
     while sched.has_unfinished():
         steps += 1
         assert steps < 200000, "livelock"
         out = sched.schedule()
+        for t in out.wait_for:
+            copying.pop(t, None)
+        if not (out.seqs or out.swap_in or out.swap_out or out.prefetch):
+            assert in_flight, "nothing scheduled and nothing in flight"
+            collect()
+            continue
         phases.append(out.phase)
+        flying = {s.seq_id for o in in_flight for s in o.seqs}
+        assert not flying & {s.seq_id for s in out.seqs}, "scheduled again before its token is back"
         for seq, pairs in out.swap_out + out.offload:
             for d, h in pairs:
                 host_pairs_written[h] = seq.seq_id
@@ -50,13 +67,15 @@ def drive(sched, reqs, stats=None):
         for seq, _ in out.swap_in:
             resident.add(seq.seq_id)
         busy = {b for s in out.seqs for b in s.block_table}
-        if busy & in_flight:
-            assert in_flight_ticket in out.wait_for, "a step reuses blocks whose offload may still be copying"
-        in_flight = {d for _, pairs in out.offload for d, _ in pairs}
-        in_flight_ticket = out.offload_ticket
+        busy |= {d for _, pairs in out.swap_in + out.swap_out for d, _ in pairs}
+        for t, blocks in copying.items():
+            assert not busy & blocks, f"a step uses blocks that copy {t} may still be copying"
         for seq, pairs in out.prefetch:
             assert seq not in out.seqs, "a prefetched sequence is decoded before its copy is done"
             assert not busy & {d for d, _ in pairs}, "prefetch writes into blocks the step uses"
+        for ticket, kind in ((out.offload_ticket, "offload"), (out.prefetch_ticket, "prefetch")):
+            if ticket is not None:
+                copying[ticket] = {d for _, pairs in getattr(out, kind) for d, _ in pairs}
         if out.prefetch and out.seqs:
             stats["overlapped_prefetches"] = stats.get("overlapped_prefetches", 0) + len(out.prefetch)
         stats["sync_swap_in_steps"] = stats.get("sync_swap_in_steps", 0) + bool(out.swap_in)
@@ -65,16 +84,19 @@ def drive(sched, reqs, stats=None):
             assert len(s.block_table) >= blocks_needed(len(s), sched.bm.block_size)
             if out.phase is Phase.DECODE:
                 assert s.seq_id in resident, f"{s} decoded without its KV on the device"
-        done = sched.update_from_output(out, RunnerOutput([1] * len(out.seqs), [None] * len(out.seqs)))
-        finished.extend(s.request_id for s in done)
         if out.phase is Phase.PREFILL:
             resident.update(s.seq_id for s in out.seqs)  # computed on the device; offloaded next
         for seq, _ in out.prefetch:  # the next step finds the copy done
             resident.add(seq.seq_id)
+        in_flight.append(out)
+        while len(in_flight) >= depth:
+            collect()
+    assert not in_flight and sched.steps_in_flight == 0
     return finished, phases
 
 
-def test_arxiv_trace_few_transitions_nothing_lost():
+@pytest.mark.parametrize("depth", [1, 2])
+def test_arxiv_trace_few_transitions_nothing_lost(depth):
     reqs = arxiv_like(500)
     bs = 16
     host = BlockManager(num_blocks=500_000 // bs, block_size=bs, table="host_block_table")
@@ -83,7 +105,7 @@ def test_arxiv_trace_few_transitions_nothing_lost():
     for s, _ in reqs:
         sched.add(s)
     stats = {}
-    finished, phases = drive(sched, reqs, stats)
+    finished, phases = drive(sched, reqs, stats, depth=depth)  # depth 2: P2->T2 prefill
     assert sorted(finished) == list(range(500))  # none lost, none duplicated
     # The device tier refills from the host tier behind compute: a synchronous swap-in only
     # starts each decode phase (nothing resident yet, nothing to hide it behind).
@@ -97,20 +119,25 @@ def test_arxiv_trace_few_transitions_nothing_lost():
     assert host.num_free_blocks == host.num_blocks and device.num_free_blocks == device.num_blocks
 
 
+@pytest.mark.parametrize("depth", [1, 2, 4])
 @pytest.mark.parametrize("device_blocks,host_blocks", [(40, 200), (40, 60), (200, 40)])
-def test_small_tiers_preempt_and_finish_everything(device_blocks, host_blocks):
-    """Tiers far too small: swaps, recompute and preemption, but every request finishes once."""
+def test_small_tiers_preempt_and_finish_everything(device_blocks, host_blocks, depth):
+    """Tiers far too small: swaps, recompute and preemption, but every request finishes once.
+    depth > 1: steps in flight under pipeline parallelism (issue 14 item 4), prefill in a pp
+    layout and decode in groups, as T2->P2 or P2->P2 would run."""
     rng = random.Random(device_blocks + host_blocks)
     reqs = [(Sequence(i, 0, [1] * rng.randint(1, 60), P(), seed=0), rng.randint(1, 40)) for i in range(80)]
     device = BlockManager(device_blocks, 4)
     host = BlockManager(host_blocks, 4, table="host_block_table")
     sched = SeesawScheduler(device, host, max_num_seqs=16, max_num_batched_tokens=128)
+    sched.decode_groups = depth
     for s, _ in reqs:
         sched.add(s)
-    finished, phases = drive(sched, reqs)
+    finished, phases = drive(sched, reqs, depth=depth)
     assert sorted(finished) == list(range(80))
     assert sched.num_transitions >= 2
     assert host.num_free_blocks == host_blocks and device.num_free_blocks == device_blocks
+    assert device.num_held_blocks == 0 and host.num_held_blocks == 0
 
 
 def test_no_starvation_fifo_admission():

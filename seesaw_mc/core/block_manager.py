@@ -31,6 +31,7 @@ class BlockManager:
         self.table = table
         self._free = deque(range(num_blocks))
         self._held: Dict[int, List[int]] = {}  # copy ticket -> blocks freed while it copies
+        self._completed: set = set()  # tickets completed before all their blocks were freed
 
     @property
     def num_free_blocks(self) -> int:
@@ -69,15 +70,21 @@ class BlockManager:
         """Give back seq's blocks: now, or at complete(ticket) when a copy still uses them."""
         blocks = getattr(seq, self.table)
         setattr(seq, self.table, [])
-        if ticket is not None:
+        if ticket is not None and ticket not in self._completed:
             self._held.setdefault(ticket, []).extend(blocks)
             return
         # Most recently allocated first, so that a re-admitted sequence tends to get warm blocks.
         self._free.extendleft(reversed(blocks))
 
     def complete(self, ticket: int) -> None:
-        """Copy `ticket` is done (or the step about to run waits for it): its blocks are free."""
+        """Copy `ticket` is done (or the step about to run waits for it): its blocks are free.
+        NOTE: with steps in flight, a step's sequences may be freed under its ticket after the
+        ticket completed; those blocks are free at once (a later step cannot run before the
+        step that waits for the copy)."""
         self._free.extendleft(reversed(self._held.pop(ticket, [])))
+        self._completed.add(ticket)
+        if len(self._completed) > 256:  # only tickets of steps still in flight matter
+            self._completed.remove(min(self._completed))
 
     @property
     def num_held_blocks(self) -> int:

@@ -81,6 +81,12 @@ class Scheduler:
         self.waiting: Deque[Sequence] = deque()
         self.running: Deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.steps_in_flight = 0
+        """Steps scheduled whose tokens are not back yet (update_from_output)."""
+        self.decode_groups = 1
+        """Under pipeline parallelism the engine keeps up to pp steps in flight, and decode takes
+        1/decode_groups of the running sequences per step: each group's next step can start as
+        soon as its own tokens are back, so no stage waits for the last (vLLM's virtual engines)."""
 
     def add(self, seq: Sequence) -> None:
         need = blocks_needed(len(seq) + 1, self.bm.block_size)
@@ -89,9 +95,17 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.steps_in_flight)
 
     def schedule(self) -> SchedulerOutput:
+        out = self._next_step()
+        if out.seqs:
+            self.steps_in_flight += 1
+            for s in out.seqs:
+                s.in_flight = True
+        return out
+
+    def _next_step(self) -> SchedulerOutput:
         out = self._schedule_prefill()
         return out if out is not None else self._schedule_decode()
 
@@ -128,14 +142,22 @@ class Scheduler:
         return SchedulerOutput(Phase.PREFILL, batch)
 
     def _decode_running(self, evict) -> Tuple[List[Sequence], List[Sequence]]:
-        """Give every running sequence a slot for its next token, evicting the newest ones
-        (evict(victim)) while blocks run out. Returns (scheduled, evicted)."""
+        """Give running sequences (those not in flight; a group of them, see decode_groups) a
+        slot for their next token, evicting the newest idle ones (evict(victim)) while blocks run
+        out. Returns (scheduled, evicted)."""
         scheduled: List[Sequence] = []
         evicted: List[Sequence] = []
-        while self.running and len(scheduled) < self.max_num_seqs:
+        passed: List[Sequence] = []  # scheduled or in flight, in admission order
+        limit = self.max_num_seqs
+        if self.decode_groups > 1:
+            limit = min(limit, -(-len(self.running) // self.decode_groups))
+        while self.running and len(scheduled) < limit:
             seq = self.running.popleft()
+            if seq.in_flight:
+                passed.append(seq)
+                continue
             while not self.bm.can_append(seq):
-                victim = self.running.pop() if self.running else seq
+                victim = self._newest_idle() or seq
                 evict(victim)
                 evicted.append(victim)
                 if victim is seq:
@@ -143,9 +165,19 @@ class Scheduler:
             else:
                 self.bm.append_slot(seq)
                 scheduled.append(seq)
-        # Keep admission order: scheduled ones first, then the ones beyond max_num_seqs.
-        self.running.extendleft(reversed(scheduled))
+                passed.append(seq)
+        # Keep admission order: these first, then the ones not reached.
+        self.running.extendleft(reversed(passed))
         return scheduled, evicted
+
+    def _newest_idle(self) -> Optional[Sequence]:
+        """Take the most recently admitted running sequence not in flight out of `running`."""
+        for i in range(len(self.running) - 1, -1, -1):
+            if not self.running[i].in_flight:
+                seq = self.running[i]
+                del self.running[i]
+                return seq
+        return None
 
     def _schedule_decode(self) -> SchedulerOutput:
         scheduled, preempted = self._decode_running(self._preempt)
@@ -163,6 +195,10 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> List[Sequence]:
         """The step's sampled tokens: append them, apply the stop rules, release what
         finished. Returns the sequences that finished in this step."""
+        if out.seqs:
+            self.steps_in_flight -= 1
+        for seq in out.seqs:
+            seq.in_flight = False
         finished = []
         for seq, tok, lp in zip(out.seqs, result.token_ids, result.logprobs):
             seq.append_token(tok, lp)

@@ -55,6 +55,7 @@ class SeesawScheduler(Scheduler):
         self._tickets = itertools.count()
         self._in_flight: List[int] = []  # tickets of background copies no step has waited for yet
         self._last_offload: Optional[int] = None  # the last prefill step's offload ticket
+        self._updating: Optional[SchedulerOutput] = None  # the step update_from_output reports
 
     def add(self, seq: Sequence) -> None:
         need = blocks_needed(len(seq) + 1, self.bm.block_size)
@@ -64,7 +65,7 @@ class SeesawScheduler(Scheduler):
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.swapped or self.running or self._prefetching)
+        return bool(self.waiting or self.swapped or self.running or self._prefetching or self.steps_in_flight)
 
     def _settle(self, keep_last_offload: bool) -> List[int]:
         """The tickets this step waits for: every copy in flight, but the last prefill step's
@@ -77,15 +78,21 @@ class SeesawScheduler(Scheduler):
             self.host.complete(t)
         return done
 
-    def schedule(self) -> SchedulerOutput:
+    def _next_step(self) -> SchedulerOutput:
         wait_for = self._settle(keep_last_offload=self.phase is Phase.PREFILL)
         out = self._schedule()
         out.wait_for = wait_for + out.wait_for
         for t in (out.offload_ticket, out.prefetch_ticket):
             if t is not None:
                 self._in_flight.append(t)
-        self._last_offload = out.offload_ticket
+        if out.seqs or not self.steps_in_flight:  # a stall keeps the last offload overlapping
+            self._last_offload = out.offload_ticket
         return out
+
+    def _stall(self) -> SchedulerOutput:
+        """Nothing until the steps in flight are back: a phase switch (a layout transition)
+        waits for the old layout's steps, and so does a prefill that needs their blocks."""
+        return SchedulerOutput(self.phase, [])
 
     def _schedule(self) -> SchedulerOutput:
         # Every copy of the last step but an offload is done before this step (its wait_for),
@@ -99,6 +106,8 @@ class SeesawScheduler(Scheduler):
                 self.host.free(s)
         self._copied_in = []
         if self.phase is Phase.DECODE and self._should_prefill():
+            if self.steps_in_flight:
+                return self._stall()
             self.phase = Phase.PREFILL
             # What is still resident goes to the host tier: the prefill layout cannot read it.
             leftover = list(self.running)
@@ -114,6 +123,8 @@ class SeesawScheduler(Scheduler):
             return out
         if self.phase is Phase.PREFILL:
             out = self._schedule_prefill() if self._head_fits() else None
+            if out is None and self.steps_in_flight:
+                return self._stall()
             waited = []
             if out is None and self._in_flight and self._head_fits(device=False):
                 # The device tier is full only of the last step's prompts, whose offload is
@@ -233,11 +244,18 @@ class SeesawScheduler(Scheduler):
         self.waiting.appendleft(seq)
         return None
 
+    def update_from_output(self, out: SchedulerOutput, result) -> List[Sequence]:
+        self._updating = out
+        try:
+            return super().update_from_output(out, result)
+        finally:
+            self._updating = None
+
     def finish(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.FINISHED
         # Done in its prefill step, whose offload of it is already queued: both tiers' blocks
         # are held by that copy's ticket, so that no later step reuses them mid-copy.
-        ticket = self._last_offload if self.phase is Phase.PREFILL else None
+        ticket = self._updating.offload_ticket if self._updating is not None else None
         self.bm.free(seq, ticket=ticket)
         self.host.free(seq, ticket=ticket)
         if seq in self.running:

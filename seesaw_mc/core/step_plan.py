@@ -62,6 +62,8 @@ class StepPlan:
     wait_for: List[int] = field(default_factory=list)
     """Tickets of background copies to finish before this step copies or computes anything:
     the scheduler has released their blocks, and this step may reuse them."""
+    num_microbatches: Optional[int] = None
+    """Micro-batches of this step; None: num_microbatches()'s rule."""
     payload: Any = None
     """"stop" plans may carry a result for every rank (e.g. generate()'s outputs)."""
 

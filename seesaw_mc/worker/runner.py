@@ -6,6 +6,7 @@ Start-up builds the pieces it drives: the two layouts' shards (worker/reshard.py
 tiers (worker/kv_tiers.py) and the TP all-reduce (parallel/deepspeed_ops.py)."""
 from __future__ import annotations
 
+import pickle
 from typing import Dict, List, Optional
 
 import torch
@@ -45,6 +46,41 @@ def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
     return out
 
 
+class PendingTokens:
+    """A step's tokens still on their way from the sampling stage (global rank `sampler`)."""
+
+    def __init__(self, sampler: int):
+        self.sampler = sampler
+
+
+class TokenChannel:
+    """Sampled tokens from the last pipeline stage to the leader, in step order. Sends are
+    asynchronous, so that the sampling stage goes on to the next step at once, and the leader
+    receives a step's tokens only when it needs them (steps in flight)."""
+
+    def __init__(self, leader: int, group):
+        self.leader, self.group = leader, group
+        self._sends: List[tuple] = []  # (work, tensor) pairs still being sent
+
+    def send(self, out: Optional[RunnerOutput]) -> None:
+        self.wait_sent()  # at most one step's message in flight
+        data = torch.frombuffer(bytearray(pickle.dumps(out)), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.long)
+        self._sends = [(dist.isend(t, self.leader, group=self.group), t) for t in (size, data)]
+
+    def wait_sent(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends = []
+
+    def receive(self, sampler: int) -> RunnerOutput:
+        size = torch.empty(1, dtype=torch.long)
+        dist.recv(size, sampler, group=self.group)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(data, sampler, group=self.group)
+        return pickle.loads(data.numpy().tobytes())  # our own rank's message (as send_object_list)
+
+
 class ModelRunner:
     def __init__(self, config, args: ModelArgs, dtype: torch.dtype, max_model_len: int, layouts: Dict[str, Layout],
                  allreduce: str = "gloo"):
@@ -68,6 +104,7 @@ class ModelRunner:
             self.kv = KVTiers(config, args, dtype, self.device, self.weights.groups, self.weights.models, num_blocks,
                               buffer, job, mc.local_world_size(dist.get_world_size()))
         self.sampler = Sampler()
+        self._tokens = TokenChannel(self.leader_rank, self.replica_group)
 
     # What the engine, the benchmarks and the tests read of a rank.
     @property
@@ -156,7 +193,7 @@ class ModelRunner:
         results = []
         # megatron-core's TP collectives allocate on torch.cuda.current_device().
         with mc.cpu_device_shim():
-            self._run_microbatches(is_prefill, seqs, g, model, results)
+            self._run_microbatches(plan, is_prefill, seqs, g, model, results)
         self.kv.offload(plan.offload, plan.offload_ticket)
         out = None
         if results:
@@ -171,17 +208,24 @@ class ModelRunner:
         sampler = g.sampler_rank
         if sampler != self.leader_rank:
             if self.rank == sampler:
-                dist.send_object_list([out], dst=self.leader_rank, group=self.replica_group)
-                return None
-            if self.is_leader:
-                box = [None]
-                dist.recv_object_list(box, src=sampler, group=self.replica_group)
-                return box[0]
+                self._tokens.send(out)
+            # The leader takes them later (result()): it may issue the next step first.
+            return PendingTokens(sampler) if self.is_leader else None
         return out if self.is_leader else None
 
-    def _run_microbatches(self, is_prefill, seqs, g, model, results) -> None:
+    def result(self, pending) -> RunnerOutput:
+        """Leader: a step's tokens; waits for the sampling stage if they are not here yet."""
+        if isinstance(pending, PendingTokens):
+            return self._tokens.receive(pending.sampler)
+        return pending
+
+    def flush(self) -> None:
+        """Sampler: every token message sent (before the worker leaves its loop)."""
+        self._tokens.wait_sent()
+
+    def _run_microbatches(self, plan, is_prefill, seqs, g, model, results) -> None:
         try:
-            n = num_microbatches(g.layout.pp, is_prefill, sum(len(s) for s in seqs))
+            n = plan.num_microbatches or num_microbatches(g.layout.pp, is_prefill, sum(len(s) for s in seqs))
             for mb in split_microbatches(seqs, n, by_tokens=is_prefill):
                 input_ids, meta = self._prepare(is_prefill, mb)
                 set_attn_metadata(meta)
