@@ -1,5 +1,6 @@
 """The host KV tier's copies: direct (CPU) and staged through a small buffer (the CUDA path,
 run here on CPU) must put exactly the same bytes in the same places."""
+import pytest
 import torch
 
 from seesaw_mc.worker.host_tier import HostKVBuffer, Stager, block_runs
@@ -43,3 +44,32 @@ def test_staged_copies_equal_direct_copies(tmp_path):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
         for d, _ in pairs:
             assert torch.equal(k1[d], k0[d]) and torch.equal(v1[d], v0[d])
+
+
+def test_released_host_blocks_give_their_pages_back(tmp_path):
+    """Issue 15 item 2: the host tier is a sparse file in shared memory, so only blocks in use
+    should take memory; blocks free at a decode -> prefill transition are punched out of it
+    (madvise MADV_REMOVE), and the blocks around them keep their KV."""
+    import os
+    import tempfile
+
+    d = tempfile.mkdtemp(dir="/dev/shm") if os.path.isdir("/dev/shm") else str(tmp_path)
+    path = os.path.join(d, "kv")
+    # 2 layers, K|V, 2 heads, 64 blocks of 16 tokens x 64 dims in fp32: 4 KiB per block and head.
+    shape = HostKVBuffer.shape(1, 2, 2, 64, 16, 64)
+    host = HostKVBuffer.open(path, shape, torch.float32, 0, create=True)
+    try:
+        host.t.fill_(1.0)
+        before = os.stat(path).st_blocks * 512
+        released = host.release([(8, 32), (50, 1)], 0, 2, 0, 2)
+        after = os.stat(path).st_blocks * 512
+        per_block = 16 * 64 * 4 * 2 * 2 * 2  # bytes, every layer, K|V and head
+        if released == 0:
+            pytest.skip("this file system cannot punch holes")
+        assert released == 33 * per_block and before - after == released
+        assert torch.all(host.t[:, :, :, 8:40] == 0) and torch.all(host.t[:, :, :, 50] == 0)
+        assert torch.all(host.t[:, :, :, :8] == 1) and torch.all(host.t[:, :, :, 40:50] == 1)
+        assert torch.all(host.t[:, :, :, 51:] == 1)
+    finally:
+        os.unlink(path)
+        os.rmdir(d) if d != str(tmp_path) else None

@@ -12,7 +12,7 @@ computes anything. So reuse-after-copy is a rule of the block manager, not a mat
 from __future__ import annotations
 
 from collections import deque
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -85,6 +85,16 @@ class BlockManager:
         self._completed.add(ticket)
         if len(self._completed) > 256:  # only tickets of steps still in flight matter
             self._completed.remove(min(self._completed))
+
+    def free_runs(self) -> List[Tuple[int, int]]:
+        """The free blocks as (first, count) runs of consecutive ids."""
+        runs: List[List[int]] = []
+        for b in sorted(self._free):
+            if runs and runs[-1][0] + runs[-1][1] == b:
+                runs[-1][1] += 1
+            else:
+                runs.append([b, 1])
+        return [(a, n) for a, n in runs]
 
     @property
     def num_held_blocks(self) -> int:

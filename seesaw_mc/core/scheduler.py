@@ -45,6 +45,9 @@ class SchedulerOutput:
     offload_ticket: Optional[int] = None
     prefetch_ticket: Optional[int] = None
     wait_for: List[int] = field(default_factory=list)
+    # Host-tier blocks free at a decode -> prefill transition, as (first, count) runs: their
+    # pages go back to the OS (the host tier is a sparse file; only blocks in use take memory).
+    release_host: List[Tuple[int, int]] = field(default_factory=list)
 
     def copy_pairs(self, kind: str) -> List[Tuple[int, int]]:
         """All (device_block, host_block) pairs of one kind of copy, flattened."""

@@ -116,6 +116,7 @@ class SeesawScheduler(Scheduler):
             out = self._schedule_prefill()
             if out is not None:
                 out.swap_out = swap_out
+                out.release_host = self.host.free_runs()
                 return out
             self.phase = Phase.DECODE  # _should_prefill checked the head fits; defensive only
             out = self._schedule_decode()

@@ -62,6 +62,8 @@ class StepPlan:
     wait_for: List[int] = field(default_factory=list)
     """Tickets of background copies to finish before this step copies or computes anything:
     the scheduler has released their blocks, and this step may reuse them."""
+    release_host: List[Tuple[int, int]] = field(default_factory=list)
+    """Host-tier blocks whose pages go back to the OS at this step's transition: (first, count) runs."""
     num_microbatches: Optional[int] = None
     """Micro-batches of this step; None: num_microbatches()'s rule."""
     payload: Any = None
@@ -88,6 +90,7 @@ class PlanBuilder:
         plan.swap_out, plan.swap_in = out.copy_pairs("swap_out"), out.copy_pairs("swap_in")
         plan.prefetch, plan.offload = out.copy_pairs("prefetch"), out.copy_pairs("offload")
         plan.prefetch_ticket, plan.offload_ticket = out.prefetch_ticket, out.offload_ticket
+        plan.release_host = out.release_host
         plan.wait_for, self._wait_for = self._wait_for, []
         return plan
 

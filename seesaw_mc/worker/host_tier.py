@@ -9,7 +9,10 @@ orders the writes of one layout before the reads of the other.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import mmap
 from typing import List, Tuple
 
 import torch
@@ -55,6 +58,23 @@ class HostKVBuffer:
                 f.truncate(nbytes)
         buf = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         return cls(buf.view(dtype).view(shape), dp_rank)
+
+    def release(self, runs, layer_start: int, num_layers: int, head_start: int, num_heads: int) -> int:
+        """Punch the whole pages of these host blocks ((first, count) runs) out of the shared
+        file (madvise MADV_REMOVE), for the given layers and heads: a sparse tier takes memory
+        only for blocks in use. Returns the bytes released (0 where the file system cannot)."""
+        released = 0
+        for layer in range(layer_start, layer_start + num_layers):
+            for kv in (0, 1):
+                for head in range(head_start, head_start + num_heads):
+                    chunk = self.t[layer, kv, head]  # [num_blocks, block_size, head_dim], contiguous
+                    per_block = chunk[0].numel() * chunk.element_size()
+                    for first, n in runs:
+                        start = chunk.data_ptr() + first * per_block
+                        released += _punch(start, start + n * per_block)
+                        if released == 0 and not _PUNCH_WORKS:
+                            return 0
+        return released
 
     def copy_out(self, views: KVCacheViews, layer_start: int, head_start: int, pairs, stager=None) -> None:
         """Device -> host for (device_block, host_block) pairs: this rank's layers and heads."""
@@ -166,6 +186,30 @@ class Stager:
     def _sync(self) -> None:
         if self.cuda:
             self.stream.synchronize()
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_REMOVE = 9  # Linux: free a shared mapping's backing pages (tmpfs: a punched hole)
+_PUNCH_WORKS = True
+
+
+def _punch(start: int, end: int) -> int:
+    """Release the whole pages inside [start, end) of a shared file mapping; their bytes."""
+    global _PUNCH_WORKS
+    a, b = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if b <= a or not _PUNCH_WORKS:
+        return 0
+    if _libc().madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_REMOVE) != 0:
+        _PUNCH_WORKS = False  # not Linux, or a file system without hole punching: keep the pages
+        return 0
+    return b - a
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def block_runs(pairs) -> List[Tuple[int, int, int]]:

@@ -49,6 +49,7 @@ class KVTiers:
         self.stats = {f"{k}_s": 0.0 for k in _KINDS}
         self.stats.update({f"{k}_wait_s": 0.0 for k in ("offload", "prefetch")})
         self.stats.update({f"{k}_blocks": 0 for k in _KINDS})
+        self.stats["host_released_bytes"] = 0
 
     def _open_host(self, config, args, dtype, job: str, local_world: int) -> None:
         g = self.groups["prefill"]
@@ -69,6 +70,15 @@ class KVTiers:
     def _slice(self):
         g, views = self.groups[self.layout], self.views[self.layout]
         return views, g.layer_start, g.tp_rank * views.num_kv_heads
+
+    def release_host(self, runs) -> None:
+        """Give the pages of free host blocks (runs) back to the OS, for this rank's layers and
+        heads in the active layout. Called between a transition's drain and its barrier: every
+        rank's copies into them are done, and nothing writes them before the barrier."""
+        if runs and self.host is not None:
+            views, layer_start, head_start = self._slice()
+            self.stats["host_released_bytes"] += self.host.release(
+                runs, layer_start, len(views.layers), head_start, views.num_kv_heads)
 
     # -- copies before a step -----------------------------------------------------------
     def swap_out(self, pairs) -> None:

@@ -135,9 +135,14 @@ class ModelRunner:
     def transitions(self) -> List[dict]:
         return self.weights.transitions
 
-    def activate(self, name: str) -> Optional[dict]:
-        """Switch layouts; the old layout's copies to the host tier finish first."""
-        rec = self.weights.activate(name, drain_kv=self.kv.wait_all)
+    def activate(self, name: str, release_host=()) -> Optional[dict]:
+        """Switch layouts; the old layout's copies to the host tier finish first, then the
+        pages of host blocks no one uses go back to the OS (`release_host` runs)."""
+        def drain():
+            self.kv.wait_all()
+            self.kv.release_host(release_host)
+
+        rec = self.weights.activate(name, drain_kv=drain)
         self.kv.layout = name
         return rec
 
@@ -172,7 +177,7 @@ class ModelRunner:
         self.kv.wait(plan.wait_for)
         self.kv.swap_out(plan.swap_out)
         if plan.kind != self.weights.active:  # layouts are named after the phase they run
-            self.activate(plan.kind)
+            self.activate(plan.kind, release_host=plan.release_host)
         with torch.inference_mode():
             return self._compute(plan, seqs)
 
