@@ -33,7 +33,7 @@ def fake_cuda_world(monkeypatch):
     monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("new_group", kw["backend"])) or "gloo-side")
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
-    monkeypatch.setattr("seesaw_mc.parallel.procs.record_peers", lambda: calls.append(("record_peers",)))
+    monkeypatch.setattr("seesaw_mc.parallel.procs.record_peers", lambda group=None: calls.append(("record_peers", group)))
     monkeypatch.setattr("seesaw_mc.parallel.procs.die_with_parent", lambda: None)
     monkeypatch.setattr(mc, "_CONTROL", None)
     return calls

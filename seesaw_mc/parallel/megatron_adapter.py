@@ -147,7 +147,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     _CONTROL = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     from seesaw_mc.parallel.procs import record_peers
 
-    record_peers()
+    record_peers(_CONTROL)
 
 
 _CONTROL = None

@@ -38,9 +38,9 @@ _COMM_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broke
                  "timed out", "Socket Timeout", "NCCL error", "ProcessGroupNCCL", "Connection refused")
 
 
-def record_peers() -> None:
-    """Every rank learns every rank's host and pid (one all_gather at start-up), so that a
-    survivor can say which rank died."""
+def record_peers(group=None) -> None:
+    """Every rank learns every rank's host and pid (one all_gather at start-up, over `group`:
+    the control group), so that a survivor can say which rank died."""
     import socket
 
     import torch.distributed as dist
@@ -49,9 +49,7 @@ def record_peers() -> None:
     if dist.get_world_size() == 1:
         return
     peers = [None] * dist.get_world_size()
-    from seesaw_mc.parallel.megatron_adapter import control_group
-
-    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=control_group())
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=group)
     _PEERS = peers
 
 

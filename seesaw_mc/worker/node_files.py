@@ -213,7 +213,7 @@ def _agree_created(error: Optional[BaseException]) -> None:
     that all of them fail with its one line (and its exit code) instead of waiting for it."""
     import torch.distributed as dist
 
-    from seesaw_mc import errors
+    import seesaw_mc.errors as errors
     from seesaw_mc.parallel.megatron_adapter import control_group
 
     if error is None:
