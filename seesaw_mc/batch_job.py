@@ -45,7 +45,7 @@ def run(a) -> int:
     unserved = [(b, "invalid_request") for b in invalid]  # -> an error record each
     specs = _admit(eng, ok, unserved)
     # Resume: rank 0 reads what the output already holds and every rank skips those requests
-    # (the same list everywhere, so DP replicas split the rest alike). Without --resume the
+    # (the same list everywhere: DP replicas take the rest by index). Without --resume the
     # output starts empty.
     done = on_rank0(lambda: _open_output(a), set())
     todo = [s for s in specs if request_key(s.request_id) not in done]
