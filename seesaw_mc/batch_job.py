@@ -3,7 +3,8 @@
 Read and check every line, tokenize and check every prompt against the model (both before
 the weights load), pick layouts for this input (--layouts auto), build the engine, set aside
 the requests the KV tiers can never hold, resume from what the output already holds, then
-serve the rest through the replica driver, appending one line per request as it finishes.
+serve the rest through the replica driver, appending one line per request as it finishes
+(one file per DP replica, merged in input order at the end: batch_output.py).
 The engine and torch load only once the input has passed its cheap checks, so a bad file is
 refused in a second.
 """
@@ -16,7 +17,7 @@ import time
 from typing import List
 
 from seesaw_mc.auto_layouts import auto_layouts
-from seesaw_mc.batch_output import AppendWriter, line_key, request_key, scan_for_resume
+from seesaw_mc.batch_output import AppendWriter, line_key, merge, part_path, request_key, start_output
 from seesaw_mc.driver import drive, global_rank, on_rank0
 from seesaw_mc.engine_args import engine_kwargs, sampling_defaults
 from seesaw_mc.errors import CapacityError, SeesawError
@@ -44,17 +45,20 @@ def run(a) -> int:
     eng = LLMEngine(EngineConfig.from_kwargs(a.model, **engine_kwargs(a)))
     unserved = [(b, "invalid_request") for b in invalid]  # -> an error record each
     specs = _admit(eng, ok, unserved)
-    # Resume: rank 0 reads what the output already holds and every rank skips those requests
-    # (the same list everywhere, so DP replicas split the rest alike). Without --resume the
-    # output starts empty.
-    done = on_rank0(lambda: _open_output(a), set())
+    # Resume: rank 0 merges what the output and its part files already hold and every rank skips
+    # those requests (the same list everywhere: DP replicas take the rest by index). Without
+    # --resume the output starts empty. `order` puts the finished file in input order.
+    order = {request_key(s.request_id): s.line for s in ok}
+    order.update((line_key(b.line), b.line) for b, _ in unserved)
+    done, torn = on_rank0(lambda: _open_output(a, order), (set(), 0))
     todo = [s for s in specs if request_key(s.request_id) not in done]
     if global_rank() == 0:
         if a.resume:
             n_done = len(specs) - len(todo) + sum(line_key(b.line) in done for b, _ in unserved)
-            print(f"resume: {n_done} of {total} requests already in {a.output}", file=sys.stderr)
+            dropped = f" ({torn} torn line(s) dropped: their requests run again)" if torn else ""
+            print(f"resume: {n_done} of {total} requests already in {a.output}{dropped}", file=sys.stderr)
         _write_unserved(a.output, unserved, done)
-    return _serve(a, eng, todo, t0)
+    return _serve(a, eng, todo, order, t0)
 
 
 def _check_prompts(a, specs: List[RequestSpec], invalid: List[InvalidLine]) -> List[RequestSpec]:
@@ -103,14 +107,13 @@ def _admit(eng, ok: List[RequestSpec], unserved: list) -> List[RequestSpec]:
     return admitted
 
 
-def _open_output(a) -> set:
-    """Rank 0: the keys of the requests already in the output (--resume), or an empty output."""
+def _open_output(a, order: dict):
+    """Rank 0: (keys of the requests already in the output, torn lines dropped) with --resume,
+    else an empty output."""
     try:
-        done = scan_for_resume(a.output) if a.resume else set()
-        AppendWriter(a.output, truncate=not a.resume).close()
+        return start_output(a.output, a.resume, order)
     except OSError as e:
         raise SeesawError(f"cannot write {a.output}: {e.strerror}") from None
-    return done
 
 
 def _write_unserved(output: str, unserved: list, done: set) -> None:
@@ -127,7 +130,7 @@ def _write_unserved(output: str, unserved: list, done: set) -> None:
               f"{unserved[0][1]}: line {unserved[0][0].line}: {unserved[0][0].message}", file=sys.stderr)
 
 
-def _serve(a, eng, todo: List[RequestSpec], t0: float) -> int:
+def _serve(a, eng, todo: List[RequestSpec], order: dict, t0: float) -> int:
     by_id = {s.request_id: s for s in todo}
     model_name = os.path.basename(os.path.normpath(a.model))
     t_load = time.perf_counter() - t0
@@ -139,13 +142,19 @@ def _serve(a, eng, todo: List[RequestSpec], t0: float) -> int:
         counts["prompt"] += res.usage["prompt_tokens"]
         counts["completion"] += res.usage["completion_tokens"]
 
+    def finish():  # before this replica reports done: rank 0 reads its file next
+        out.close()
+        return counts
+
     t1 = time.perf_counter()
-    out = AppendWriter(a.output, truncate=False) if eng.is_leader else None
+    # One writer per file (batch_output.py): replica 0 appends to the output, the others to parts.
+    out = AppendWriter(part_path(a.output, eng.dp_rank), truncate=eng.dp_rank > 0) if eng.is_leader else None
     try:
-        parts = drive(eng, todo, write, use_tqdm=not a.no_tqdm and sys.stderr.isatty(), result=lambda: counts)
+        parts = drive(eng, todo, write, use_tqdm=not a.no_tqdm and sys.stderr.isatty(), result=finish)
     finally:
         if out is not None:
             out.close()
+    on_rank0(lambda: _merge_parts(a.output, eng.dp_size, order, [c["requests"] for c in parts]))
     if not eng.is_leader or eng.dp_rank != 0:  # the first replica's leader reports for the job
         return 0
     counts = {k: sum(c[k] for c in parts) for k in counts}
@@ -155,6 +164,14 @@ def _serve(a, eng, todo: List[RequestSpec], t0: float) -> int:
           f"total tokens/s, {counts['completion'] / el:.2f} output tokens/s "
           f"({counts['requests']} requests in {el:.1f} s; model load {t_load:.1f} s)", file=sys.stderr)
     return 0
+
+
+def _merge_parts(output: str, dp_size: int, order: dict, lines: List[int]) -> None:
+    """Rank 0, once every replica is done: the parts into the output, in input order."""
+    try:
+        merge(output, [part_path(output, r) for r in range(1, dp_size)], order, expect=lines[1:])
+    except OSError as e:
+        raise SeesawError(f"cannot merge the replicas' lines into {output}: {e.strerror}") from None
 
 
 def _write_metrics(a, eng) -> None:

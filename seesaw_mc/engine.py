@@ -173,6 +173,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued and not started (or preempted back to the queue)."""
+        return len(self.scheduler.waiting)
+
     # -- one step -----------------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
         """Leader: schedule, tell the replica, run the step (this rank's stage of it), hand the
@@ -229,6 +234,8 @@ class LLMEngine:
             if self.watchdog:
                 self.watchdog.beat()
             plan = self.runner.broadcast_plan()
+            if plan.kind == "idle":
+                continue
             if plan.kind == "stop":
                 if self.watchdog:
                     self.watchdog.disarm()
@@ -245,6 +252,13 @@ class LLMEngine:
         out = [None] * self.dp_size
         dist.all_gather_object(out, obj, group=self.runner.groups["prefill"].control_dp)
         return out
+
+    def keepalive(self) -> None:
+        """Leader, while its replica is idle but the run is not over (other replicas still
+        working): tell the followers, whose watchdogs and collectives would time out."""
+        if self.watchdog:
+            self.watchdog.beat()
+        self.runner.broadcast_plan(StepPlan("idle"))
 
     def finish_run(self, payload=None):
         """Leader: release the workers from worker_loop, handing them `payload`."""

@@ -41,7 +41,8 @@ class NewSeq:
 class StepPlan:
     kind: str
     """"prefill" or "decode" (also the name of the layout the step runs in; a change means a
-    transition first), or "stop" (leave the worker loop)."""
+    transition first), "idle" (nothing to do yet: the leader waits for the other DP replicas),
+    or "stop" (leave the worker loop)."""
     order: List[int] = field(default_factory=list)
     """Sequence ids of the batch, in batch order."""
     new: List[NewSeq] = field(default_factory=list)
