@@ -35,11 +35,15 @@ def check_token_exact(ctx, res) -> str:
         res["llama-1b"] = {"skipped": "dry run: tiny models only"}
     ok = True
     for name, make in cases:
-        entry = res[name] = {}
+        entry = res[name] = {"at": "building the model"}  # where a timeout caught it
         try:
             ok &= _token_exact_one(ctx, make(), entry)
         except Exception as e:  # one model's failure must not hide the others' results
             entry["error"], ok = harness._one_line(e), False
+    import torch
+
+    # fp32 matmuls in TF32 would still be compared like with like (one process), but say so.
+    res["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     return "pass" if ok else "fail"
 
 
@@ -52,7 +56,9 @@ def _token_exact_one(ctx, path: str, entry: dict) -> bool:
     prompts = random_prompts(s["prompts"], 2, 40, load_model_args(path).vocab_size, seed=7)
     runs = {}
     for dt in ("float32", "bfloat16"):
+        entry["at"] = f"HF generate, {dt}"
         ref = hf_greedy(path, prompts, s["new_tokens"], dtype=ctx.dtype(dt), device=ctx.device)
+        entry["at"] = f"our engine, {dt}"
         ours = engine_greedy(ctx.llm(path, dt), prompts, s["new_tokens"])
         if dt == "float32" or not ctx.is_big(path):
             ctx.drop_llms(path)  # the 1B in bf16 stays for the checks after this one
@@ -61,6 +67,7 @@ def _token_exact_one(ctx, path: str, entry: dict) -> bool:
                      "tokens": sum(len(r) for r in ref)}
     entry["bf16_vs_fp32_ours"] = first_divergence(runs["bfloat16"][0], runs["float32"][0])
     entry["bf16_vs_fp32_hf"] = first_divergence(runs["bfloat16"][1], runs["float32"][1])
+    del entry["at"]
     return entry["float32"]["equal"] and entry["bfloat16"]["equal"]
 
 

@@ -128,10 +128,12 @@ def run(checks, argv=None) -> int:
     if doc is None:
         doc = {"schema": SCHEMA, "mode": "dry-run" if a.dry_run else "gpu", "started": time.time(),
                "checks": {n: {"status": "pending"} for n in names if n in only}}
+    late = a.deadline is not None and time.time() >= a.deadline
     for rec in doc["checks"].values():
         if rec["status"] == "running":  # the process died inside it
             rec["status"] = "crashed"
-            rec.setdefault("error", "the process died during this check (see gpu_check.log)")
+            rec.setdefault("error", "killed at the run's time budget" if late
+                           else "the process died during this check (see gpu_check.log)")
     if a.finalize:
         for rec in doc["checks"].values():
             if rec["status"] == "pending":
@@ -149,7 +151,7 @@ def _run_pending(checks, a, doc: dict, path: str) -> int:
 
         ctx = Ctx(dry_run=a.dry_run)
         doc["device"] = ctx.describe()
-    except Exception as e:  # an import that fails on the GPU machine: say which, in the JSON too
+    except (Exception, SystemExit) as e:  # an import that fails on the GPU machine: say which, in the JSON too
         doc["fatal"] = _one_line(e)
         doc["traceback"] = traceback.format_exc()[-3000:]
         _write(path, doc)

@@ -53,12 +53,12 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
     return 2 * n ** 3 / t / 1e12
 
 
-def host_copy_rates(device: torch.device, nbytes: int) -> dict:
+def host_copy_rates(device: torch.device, nbytes: int, kinds=("pinned", "pageable")) -> dict:
     """GB/s of plain copies between a host buffer and the device: pinned (cudaMemcpyAsync
     from page-locked memory, the DMA ceiling) and pageable (what an unpinned source gets)."""
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     out = {}
-    for kind in ("pinned", "pageable"):
+    for kind in kinds:
         pin = kind == "pinned" and device.type == "cuda"
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).fill_(2)
         out[f"h2d_{kind}_GBps"] = nbytes / timed(lambda: dev.copy_(host, non_blocking=pin), device) / 1e9

@@ -12,10 +12,12 @@ def _f(x) -> str:
 
 
 def _token_exact(r: dict) -> str:
-    parts = []
+    parts = [] if "tf32_matmul" not in r else [f"TF32 matmuls: {r['tf32_matmul']}"]
     for name, e in r.items():
-        if "skipped" in e or "error" in e:
-            parts.append(f"{name}: {e.get('skipped') or e.get('error')}")
+        if not isinstance(e, dict):
+            continue
+        if "skipped" in e or "error" in e or "bfloat16" not in e:
+            parts.append(f"{name}: {e.get('skipped') or e.get('error') or 'stopped at ' + e.get('at', '?')}")
             continue
         verdict = "/".join("=" if e.get(dt, {}).get("equal") else "≠" for dt in ("float32", "bfloat16"))
         div = e.get("bf16_vs_fp32_ours")

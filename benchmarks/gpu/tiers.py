@@ -130,6 +130,6 @@ def weight_reload(ctx, path: str, res: dict) -> bool:
     res.update(master_pinned=r.master.pinned, bytes=nbytes, seconds=t, GBps=nbytes / t / 1e9 if nbytes else None,
                tokens_equal=before == after)
     if cuda:
-        res["h2d_pinned_GBps"] = host_copy_rates(ctx.device, nbytes)["h2d_pinned_GBps"]
+        res["h2d_pinned_GBps"] = host_copy_rates(ctx.device, nbytes, kinds=("pinned",))["h2d_pinned_GBps"]
         res["vs_pinned"] = res["GBps"] / res["h2d_pinned_GBps"]
     return before == after
