@@ -55,7 +55,8 @@ def run_seesaw(args, reqs) -> dict:
     pre, dec = Layout.parse_pair(args.layouts)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, prefill_layout=pre,
               decode_layout=dec, num_host_blocks=args.num_host_blocks, num_device_blocks=args.num_device_blocks,
-              allreduce=args.allreduce, pipeline_depth=args.pipeline_depth)
+              allreduce=args.allreduce, kernels=args.kernels, gpu_memory_utilization=args.gpu_memory_utilization,
+              pipeline_depth=args.pipeline_depth)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
@@ -85,8 +86,8 @@ def _padded_generate(model, pad: int = 0):
 
     def generate(batch):
         width = max(len(r.prompt_token_ids) for r in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long, device=model.device)
+        mask = torch.zeros((len(batch), width), dtype=torch.long, device=model.device)
         for i, r in enumerate(batch):  # left padding
             ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
             mask[i, width - len(r.prompt_token_ids):] = 1
@@ -114,7 +115,9 @@ def _hf_model(args):
     from transformers import AutoModelForCausalLM
 
     dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    # On the GPU our engine runs on, as the comparison needs (one rank: its local device).
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None  # ignore_eos: every request gets its full length
     return model, dtype
 
@@ -167,6 +170,16 @@ def run_mcore_static(args, reqs) -> dict:
     return _timed_batches(f"mcore-static-{lay}", args, reqs, generate, {"layout": str(lay)})
 
 
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 BACKENDS = {"seesaw": run_seesaw, "hf": run_hf, "ds-autotp": run_ds_autotp, "mcore-static": run_mcore_static}
 MULTI_RANK = {"seesaw", "ds-autotp", "mcore-static"}  # the others run on rank 0 only
 
@@ -194,6 +207,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-device-blocks", type=int, default=None, help="seesaw backend: device tier size (blocks)")
     p.add_argument("--pipeline-depth", type=int, default=None,
                    help="seesaw backend: steps in flight under pp (default: pp; 1: the pipeline drains every step)")
+    p.add_argument("--kernels", default="auto", help="seesaw backend: auto | deepspeed | apex | torch (RMSNorm)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="seesaw backend on CUDA: share of GPU memory for weights and KV")
     p.add_argument("--mcore-layout", default=None, help="mcore-static backend: tp2, pp2... (default tp<world>)")
     p.add_argument("--mcore-checkpoint", default=None,
                    help="mcore-static backend: torch_dist folder (default: converted once into .cache/mcore/)")
@@ -221,6 +237,7 @@ def main(argv=None) -> int:
         if name not in MULTI_RANK and rank() != 0:
             continue  # single-process baselines
         results.append(BACKENDS[name](args, reqs))
+        _release_memory()  # the next backend sizes its memory from what is free
     if rank() != 0:
         return 0
     ours = next((r for r in results if r["backend"] == "seesaw"), None)

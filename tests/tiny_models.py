@@ -34,15 +34,19 @@ def build_tokenizer(out_dir: str, vocab_size: int = 320):
 
 def build_model(kind: str, out_dir: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                 tied: bool = False, seed: int = 0, vocab_size: int = 320, max_pos: int = 512,
-                initializer_range: float = 0.15) -> str:
-    """Save a random HF model of the given family (llama | mistral | qwen2) plus tokenizer."""
+                initializer_range: float = 0.15, ffn: int = None, device: str = "cpu",
+                save_dtype: torch.dtype = None) -> str:
+    """Save a random HF model of the given family (llama | mistral | qwen2) plus tokenizer.
+    ffn: intermediate size (default 2 x hidden); device: where the weights are drawn (a GPU
+    draws a 1B model in a blink); save_dtype: the checkpoint's dtype (default fp32). The
+    tokenizer keeps its small vocabulary even when vocab_size is larger."""
     import transformers as tf
 
     cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[kind]
     os.makedirs(out_dir, exist_ok=True)
-    tok = build_tokenizer(out_dir, vocab_size)
-    kw = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    tok = build_tokenizer(out_dir, min(vocab_size, 320))
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn or 2 * hidden, num_hidden_layers=layers,
               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
               tie_word_embeddings=tied, rope_theta=10000.0 if kind != "qwen2" else 1000000.0,
               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
@@ -52,20 +56,23 @@ def build_model(kind: str, out_dir: str, *, layers: int = 2, hidden: int = 64, h
     if kind == "mistral":
         kw["sliding_window"] = max_pos
     torch.manual_seed(seed)
-    model = cls[1](cls[0](**kw)).eval()
+    with torch.device(device):
+        model = cls[1](cls[0](**kw)).eval()
+    if save_dtype is not None:
+        model.to(save_dtype)
     model.save_pretrained(out_dir)
     return out_dir
 
 
-def hf_greedy(model_dir: str, prompts, max_new_tokens: int, dtype=torch.float32):
+def hf_greedy(model_dir: str, prompts, max_new_tokens: int, dtype=torch.float32, device="cpu"):
     """Reference: HF transformers generate, one prompt at a time (no padding), greedy."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     outs = []
     with torch.inference_mode():
         for ids in prompts:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             y = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, top_p=None, top_k=None,
                                temperature=None, pad_token_id=model.config.eos_token_id)
             outs.append(y[0, len(ids):].tolist())
