@@ -20,6 +20,8 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/python -W ignore -c "import torch, megatron.core, transformers, seesaw_mc"
 	# DeepSpeed's shm all-reduce, JIT-built once into $(TORCH_EXTENSIONS_DIR) (falls back to gloo if it cannot).
 	$(BIN)/python -W ignore -m seesaw_mc.parallel.deepspeed_ops build
+	# The CPU paged-attention op, the same way (attention falls back to gather + SDPA if it cannot).
+	$(BIN)/python -W ignore -m seesaw_mc.model.paged_attn_ext build
 	touch $@
 
 venv: $(STAMP)

@@ -9,6 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["seesaw_mc", "seesaw_mc.*"]),
+    # The CPU paged-attention op's source: JIT-built on the host that runs it.
+    package_data={"seesaw_mc.model": ["csrc/*.cpp"]},
     # Ranges, not pins: users bring their own (often CUDA) torch. The exact versions
     # tested here live in constraints.txt.
     install_requires=[

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from seesaw_mc.config import Layout
 from seesaw_mc.core.scheduler import RunnerOutput
 from seesaw_mc.core.step_plan import StepPlan, num_microbatches
-from seesaw_mc.model.attention import AttnMetadata, decode_chunks, set_attn_metadata
+from seesaw_mc.model.attention import decode_metadata, prefill_metadata, set_attn_metadata
 from seesaw_mc.model_spec import ModelArgs
 from seesaw_mc.model.kernels import select_kernels
 from seesaw_mc.parallel import megatron_adapter as mc
@@ -149,24 +149,16 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------
     def _prepare(self, is_prefill: bool, seqs) -> tuple:
         dev, bs = self.device, self.block_size
+        tables = [s.block_table for s in seqs]
         if is_prefill:
-            ids, pos, slots, cu = [], [], [], [0]
-            for s in seqs:
-                n, bt = len(s), s.block_table
-                ids.extend(s.token_ids)
-                pos.extend(range(n))
-                slots.extend(bt[p // bs] * bs + p % bs for p in range(n))
-                cu.append(cu[-1] + n)
-            meta = AttnMetadata(True, torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), cu_seqlens=cu,
-                                logits_indices=torch.tensor(cu[1:], device=dev) - 1)
+            # Whole prompts: nothing of them is cached yet (attention also takes num_cached > 0:
+            # chunked prefill, a shared prefix).
+            ids = [t for s in seqs for t in s.token_ids]
+            meta = prefill_metadata(tables, [len(s) for s in seqs], [0] * len(seqs), bs, dev)
         else:
-            # Rows arrive sorted by length (see execute), so similar lengths share a chunk.
+            # Rows arrive sorted by length (see execute): the gather fallback pads per group.
             ids = [s.last_token for s in seqs]
-            lens = [len(s) for s in seqs]
-            slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, lens)]
-            meta = AttnMetadata(False, torch.tensor([n - 1 for n in lens], device=dev),
-                                torch.tensor(slots, device=dev),
-                                decode_chunks=decode_chunks(lens, [s.block_table for s in seqs], bs, dev))
+            meta = decode_metadata(tables, [len(s) for s in seqs], bs, dev)
         return torch.tensor(ids, device=dev), meta
 
     def execute(self, plan: StepPlan, seqs) -> Optional[RunnerOutput]:
