@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from seesaw_mc.config import Layout
 from seesaw_mc.model.hf_import import iter_megatron_tensors
-from seesaw_mc.model.llama import CausalLM
+from seesaw_mc.model.decoder import CausalLM
 from seesaw_mc.model.sharding import fc1_interleave_factor, interleave_fc1, shard_tensor
 from seesaw_mc.model_spec import ModelArgs
 from seesaw_mc.parallel import megatron_adapter as mc
