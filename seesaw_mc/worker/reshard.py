@@ -30,7 +30,7 @@ class MasterWeights:
     """The host master copy: full Megatron-named tensors in one file per node, mapped shared.
 
     Local rank 0 of each node converts the checkpoint once into a flat file under /dev/shm
-    (linear_fc1 stored as interleaved [gate_c; up_c] pairs, see interleave_fc1);
+    (a gated linear_fc1, weight and bias, stored as interleaved [gate_c; up_c] pairs, see interleave_fc1);
     every rank on the node maps it (MAP_SHARED), so N ranks hold the weights once, not N
     times. Shards are views into the mapping wherever the slice is a strided view of the full
     tensor, which with the interleaved fc1 is every tensor: a re-shard copies no weight bytes
@@ -93,6 +93,8 @@ def local_names(model: CausalLM, name: str) -> List[str]:
         if not model.layer_start <= i < model.layer_end:
             return []
         return [f"decoder.layers.{i - model.layer_start}." + name.split(".", 3)[3]]
+    if name == "embedding.position_embeddings.weight":
+        return [name] if model.pre_process else []
     if name == "embedding.word_embeddings.weight":
         out = [name] if model.pre_process else []
         if model.args.tie_word_embeddings and model.post_process and not model.pre_process:
@@ -105,7 +107,7 @@ def local_names(model: CausalLM, name: str) -> List[str]:
 
 def release_weights(model: CausalLM) -> None:
     """Drop a layout's shards (views of the master copy cost nothing; copies are freed)."""
-    empty = torch.empty(0, dtype=model.config.params_dtype, device=model.rope.device)
+    empty = torch.empty(0, dtype=model.config.params_dtype, device=model.device)
     for p in model.parameters():
         p.data = empty
 
@@ -122,10 +124,11 @@ def load_shards(model: CausalLM, shapes: Dict[str, tuple], tensors: Iterable[Tup
     for name, full in tensors:
         for local in local_names(model, name):
             rule = "output_layer.weight" if local == "output_layer.weight" else name
-            shard = shard_tensor(rule, full, model.tp_rank, model.tp_size, model.args.num_kv_heads, model.fc1_pairs)
+            shard = shard_tensor(rule, full, model.tp_rank, model.tp_size, model.args.num_kv_heads, model.fc1_pairs,
+                                 model.args.gated_mlp)
             if tuple(shard.shape) != shapes[local]:
                 raise ValueError(f"{name}: shard {tuple(shard.shape)} != parameter {shapes[local]}")
-            data = shard.to(device=model.rope.device, dtype=model.config.params_dtype, non_blocking=non_blocking)
+            data = shard.to(device=model.device, dtype=model.config.params_dtype, non_blocking=non_blocking)
             if data.untyped_storage().data_ptr() != full.untyped_storage().data_ptr():
                 copied += data.numel() * data.element_size()
             params[local].data = data
@@ -148,7 +151,8 @@ class Resharder:
         groups = mc.build_layout_groups(distinct, args.num_layers, mc.transformer_config(args, dtype))
         self.groups = {name: groups[str(lay)] for name, lay in layouts.items()}
         self.switching = len(distinct) > 1
-        self.fc1_pairs = fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
+        self.fc1_pairs = (fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
+                          if args.gated_mlp else 1)  # a plain fc1 splits by contiguous rows already
         shards = {key: CausalLM(args, dtype, device, max_len=max_model_len, tp_group=g.tp_group,
                                 layer_start=g.layer_start, layer_end=g.layer_end, fc1_pairs=self.fc1_pairs,
                                 kernels=kernels)
@@ -170,7 +174,7 @@ class Resharder:
     def _open_master(self, model_dir: str, job: str) -> "MasterWeights":
         """Local rank 0 converts the checkpoint once per node; every rank maps the result."""
         def create(path):
-            tensors = ((n, interleave_fc1(t, self.fc1_pairs) if n.endswith("linear_fc1.weight") else t)
+            tensors = ((n, interleave_fc1(t, self.fc1_pairs) if ".linear_fc1." in n else t)
                        for n, t in iter_megatron_tensors(model_dir, self.args))
             index = MasterWeights.write(path, tensors, self.dtype)
             with open(path + ".json", "w") as f:
