@@ -97,7 +97,8 @@ ARCHITECTURES: Dict[str, Family] = {
     "MistralForCausalLM": Family("mistral", "llama", _LLAMA_STYLE, _LLAMA_DEFAULTS, export=False),
     "Qwen2ForCausalLM": Family("qwen2", "llama", {**_LLAMA_STYLE, "qkv_bias": True, "linear_bias": False},
                                _LLAMA_DEFAULTS),
-    "Qwen3ForCausalLM": Family("qwen3", "llama", {**_LLAMA_STYLE, "qk_norm": True}, _LLAMA_DEFAULTS, refuse=(
+    "Qwen3ForCausalLM": Family("qwen3", "llama", {**_LLAMA_STYLE, "qk_norm": True, "linear_bias": False},
+                               _LLAMA_DEFAULTS, refuse=(
         ("attention_bias", lambda v, c: bool(v), "(a bias on q/k/v/o without one on the MLP has no megatron-core "
                                                  "switch)"),)),
     "GPT2LMHeadModel": Family(
@@ -116,11 +117,12 @@ def _hf_key(fam: Family, sw: Switch) -> str:
 
 
 def _check_rope(cfg: dict, where: str) -> None:
-    rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    kind = (rope or scaling).get("rope_type", scaling.get("type", "default"))
-    if kind not in (None, "default"):
-        raise ModelError(f"unsupported rope_scaling {kind!r} in {where} (only default RoPE)")
+    # transformers 5 writes the scaling into rope_parameters, older configs into rope_scaling.
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = cfg.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in (None, "default"):
+            raise ModelError(f"unsupported {key} type {kind!r} in {where} (only default RoPE)")
 
 
 def from_hf(cfg: dict, where: str, strict: bool = True) -> dict:
@@ -163,6 +165,8 @@ def from_hf(cfg: dict, where: str, strict: bool = True) -> dict:
 def _derive(out: dict) -> dict:
     """The geometry left implicit: MHA when no KV heads are given, hidden/heads per head, a 4x MLP."""
     hidden, heads = int(out["hidden_size"]), int(out["num_heads"])
+    if not out.get("head_dim") and hidden % heads:
+        raise ValueError(f"hidden size {hidden} is not a multiple of num_attention_heads {heads}, and no head_dim")
     out["num_kv_heads"] = int(out.get("num_kv_heads") or heads)
     out["head_dim"] = int(out.get("head_dim") or hidden // heads)
     out["ffn_hidden_size"] = int(out.get("ffn_hidden_size") or 4 * hidden)
@@ -194,7 +198,7 @@ def to_hf(args) -> Tuple[str, dict]:
 
 def hf_architecture(fields: dict, where: str) -> str:
     """The HF architecture that expresses a structure (a Megatron checkpoint's), or a one-line
-    ModelError naming the first field none of them can."""
+    ModelError naming the Megatron-LM arguments in which the closest one differs."""
     gpt2_heads = fields["num_kv_heads"] == fields["num_heads"] and \
         fields["head_dim"] * fields["num_heads"] == fields["hidden_size"]
     closest = None
@@ -204,8 +208,6 @@ def hf_architecture(fields: dict, where: str) -> str:
         wrong = [k for k, v in fam.fixed.items() if fields[k] != v]
         if arch == "GPT2LMHeadModel" and not gpt2_heads:
             wrong.append("num_query_groups/kv_channels")
-        if arch == "Qwen3ForCausalLM" and fields["linear_bias"]:
-            wrong.append("linear_bias")
         if not wrong:
             return arch
         if closest is None or len(wrong) < len(closest[1]):
