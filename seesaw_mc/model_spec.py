@@ -1,39 +1,38 @@
 """What a supported decoder looks like, in one place: its hyper-parameters (ModelArgs, read from
-an HF config.json), the full shape of each Megatron-named tensor and the HF tensors it is made
-of, and the byte formulas (weight shard per layout, KV per token) that the engine, the planner
-and the checkpoints all size things with.
+an HF config.json through the switch table in model_switches.py), the full shape of each
+Megatron-named tensor and the HF tensors it is made of, and the byte formulas (weight shard per
+layout, KV per token) that the engine, the planner and the checkpoints all size things with.
 
 Torch-free on purpose: the planner and the CLI read shapes without loading torch.
 
 Megatron layout (megatron-core local spec names):
   - linear_qkv rows are packed per query group: [q heads of the group..., k, v], head_dim rows
     each, so that TP splits by whole groups;
-  - linear_fc1 is [gate; up] (SwiGLU), linear_fc2 is down_proj.
+  - a gated linear_fc1 is [gate; up] (SwiGLU), else the one up-projection; linear_fc2 is down;
+  - LayerNorm has a bias, RMSNorm none; q/k norms (Qwen3) are head_dim wide, shared by all heads;
+  - learned absolute positions are `embedding.position_embeddings`, on the first stage.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
+from seesaw_mc import model_switches as switches
 from seesaw_mc.errors import ConfigError, ModelError
 
 Shape = Tuple[int, ...]
 
-SUPPORTED = {
-    # architecture -> qkv bias
-    "LlamaForCausalLM": False,
-    "MistralForCausalLM": False,
-    "Qwen2ForCausalLM": True,
-}
-
 
 @dataclass(frozen=True)
 class ModelArgs:
+    """One decoder's hyper-parameters. The structural fields are megatron-core's switches
+    (model_switches.SWITCHES says which, and how HF and Megatron-LM spell them)."""
+
     architecture: str
+    """The HF architecture the checkpoint is (or is exported as)."""
     vocab_size: int
     hidden_size: int
     ffn_hidden_size: int
@@ -41,18 +40,36 @@ class ModelArgs:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rope_theta: float
-    rms_norm_eps: float
-    qkv_bias: bool
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    sliding_window: Optional[int]
-    torch_dtype: str
+    """Explicit (kv_channels): Qwen3's is not hidden/heads."""
+    normalization: str = "RMSNorm"
+    """"RMSNorm", or "LayerNorm" (with bias)."""
+    norm_eps: float = 1e-6
+    gated_mlp: bool = True
+    """linear_fc1 is [gate; up] and the MLP is act(gate) * up (SwiGLU with silu)."""
+    activation: str = "silu"
+    """"silu", "gelu" (erf) or "gelu_tanh" (HF gelu_new, Megatron-LM --openai-gelu)."""
+    linear_bias: bool = False
+    """A bias on every linear layer (add_bias_linear)."""
+    qkv_bias: bool = False
+    """A bias on linear_qkv only (add_qkv_bias; Qwen2)."""
+    qk_norm: bool = False
+    """A per-head norm of q and k before RoPE (qk_layernorm; Qwen3)."""
+    position_embedding: str = "rope"
+    """"rope", or "learned_absolute" (added to the embedding on the first stage)."""
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    sliding_window: Optional[int] = None
+    torch_dtype: str = "float32"
     eos_token_ids: Tuple[int, ...] = field(default_factory=tuple)
 
     @property
     def q_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.qkv_bias or self.linear_bias
 
 
 # ---- HF config.json ---------------------------------------------------------------------------
@@ -66,64 +83,37 @@ def _read_json(path: str) -> dict:
         raise ModelError(f"{path} is not valid JSON ({e.__class__.__name__}: {e})") from None
 
 
-def hf_geometry(cfg: dict) -> dict:
-    """The shape fields of an HF config, under ModelArgs' names. KeyError names a missing field;
-    TypeError/ValueError a bad one (each caller words its own error)."""
-    hidden = int(cfg["hidden_size"])
-    heads = int(cfg["num_attention_heads"])
-    return dict(vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, ffn_hidden_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"))
-
-
-def _check_supported(cfg: dict, arch: str, where: str) -> None:
-    """What the engine cannot run is refused here, with one line, rather than computed wrong."""
-    rope = cfg.get("rope_parameters") or {}
-    rope_scaling = cfg.get("rope_scaling")
-    rope_type = (rope or rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise ModelError(f"unsupported rope scaling {rope_type!r} in {where} (only default RoPE)")
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ModelError(f"unsupported activation {act!r} in {where} (only SwiGLU/silu)")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ModelError(f"unsupported attention_bias/mlp_bias in {where}")
-
-
 def _args_from_hf_config(cfg: dict, model_dir: str) -> ModelArgs:
     where = f"{model_dir}/config.json"
-    archs = cfg.get("architectures") or []
-    arch = archs[0] if archs else None
-    if arch not in SUPPORTED:
-        raise ModelError(f"unsupported architecture {arch!r} in {where} (supported: {', '.join(sorted(SUPPORTED))})")
     try:
-        geometry = hf_geometry(cfg)
-        _check_supported(cfg, arch, where)
-        rope = cfg.get("rope_parameters") or {}
+        fields = switches.from_hf(cfg, where)
         sliding = cfg.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
+        if "use_sliding_window" in cfg and not cfg["use_sliding_window"]:  # Qwen2/Qwen3 carry a disabled window
             sliding = None
         eos = cfg.get("eos_token_id")
         gen_path = os.path.join(model_dir, "generation_config.json")
         if os.path.exists(gen_path):
             eos = _read_json(gen_path).get("eos_token_id", eos)
         eos_ids = tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
-        return ModelArgs(
-            architecture=arch, **geometry,
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            qkv_bias=SUPPORTED[arch],
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            sliding_window=int(sliding) if sliding else None,
-            eos_token_ids=tuple(int(e) for e in eos_ids),
-        )
+        return ModelArgs(**fields, sliding_window=int(sliding) if sliding else None,
+                         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+                         eos_token_ids=tuple(int(e) for e in eos_ids))
     except KeyError as e:
         raise ModelError(f"{where} lacks required field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise ModelError(f"{where} has an invalid value ({e})") from None
+
+
+def check_model_args(args: ModelArgs, where: str) -> ModelArgs:
+    if args.num_heads % args.num_kv_heads:
+        raise ModelError(f"{where}: num_attention_heads {args.num_heads} is not a multiple of num_key_value_heads "
+                         f"{args.num_kv_heads}")
+    if args.normalization not in ("RMSNorm", "LayerNorm"):
+        raise ModelError(f"{where}: unsupported normalization {args.normalization!r} (RMSNorm or LayerNorm)")
+    if args.position_embedding not in ("rope", "learned_absolute"):
+        raise ModelError(f"{where}: unsupported position_embedding_type {args.position_embedding!r} "
+                         f"(rope or learned_absolute)")
+    return args
 
 
 def load_model_args(model_dir: str) -> ModelArgs:
@@ -138,64 +128,54 @@ def load_model_args(model_dir: str) -> ModelArgs:
             raise ModelError(f"{model_dir} is a Megatron checkpoint ({fmt}); convert it first: seesaw-mc convert "
                              f"--input {model_dir} --output HF_DIR --tokenizer TOKENIZER_DIR")
     args = _args_from_hf_config(_read_json(os.path.join(model_dir, "config.json")), model_dir)
-    if args.num_heads % args.num_kv_heads:
-        raise ModelError(f"num_attention_heads {args.num_heads} is not a multiple of num_key_value_heads "
-                         f"{args.num_kv_heads}")
-    return args
+    return check_model_args(args, f"{model_dir}/config.json")
 
 
 # ---- Megatron tensors -------------------------------------------------------------------------
-def layer_tensor_shapes(hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int,
-                        qkv_bias: bool) -> Dict[str, Shape]:
+def _norm(prefix: str, size: int, with_bias: bool) -> Dict[str, Shape]:
+    out = {prefix + ".weight": (size,)}
+    if with_bias:
+        out[prefix + ".bias"] = (size,)
+    return out
+
+
+def _linear(prefix: str, rows: int, cols: int, with_bias: bool) -> Dict[str, Shape]:
+    out = {prefix + ".weight": (rows, cols)}
+    if with_bias:
+        out[prefix + ".bias"] = (rows,)
+    return out
+
+
+def layer_tensor_shapes(m: "ModelShape") -> Dict[str, Shape]:
     """One decoder layer's Megatron tensors (the name after `decoder.layers.{i}.`) -> full shape."""
-    qkv = (heads + 2 * kv_heads) * head_dim
-    shapes = {"input_layernorm.weight": (hidden,), "self_attention.linear_qkv.weight": (qkv, hidden)}
-    if qkv_bias:
-        shapes["self_attention.linear_qkv.bias"] = (qkv,)
-    shapes.update({"self_attention.linear_proj.weight": (hidden, heads * head_dim),
-                   "pre_mlp_layernorm.weight": (hidden,), "mlp.linear_fc1.weight": (2 * ffn, hidden),
-                   "mlp.linear_fc2.weight": (hidden, ffn)})
+    ln_bias, d = m.norm == "LayerNorm", m.head_dim
+    shapes = _norm("input_layernorm", m.hidden, ln_bias)
+    shapes.update(_linear("self_attention.linear_qkv", (m.heads + 2 * m.kv_heads) * d, m.hidden,
+                          m.qkv_bias or m.linear_bias))
+    if m.qk_norm:
+        shapes.update(_norm("self_attention.q_layernorm", d, ln_bias))
+        shapes.update(_norm("self_attention.k_layernorm", d, ln_bias))
+    shapes.update(_linear("self_attention.linear_proj", m.hidden, m.heads * d, m.linear_bias))
+    shapes.update(_norm("pre_mlp_layernorm", m.hidden, ln_bias))
+    shapes.update(_linear("mlp.linear_fc1", (2 if m.gated else 1) * m.ffn, m.hidden, m.linear_bias))
+    shapes.update(_linear("mlp.linear_fc2", m.hidden, m.ffn, m.linear_bias))
     return shapes
 
 
 def megatron_tensor_shapes(args: ModelArgs) -> Dict[str, Shape]:
     """Every Megatron-named tensor of the whole model -> its full (unsharded) shape, in the
     order the weights are stored."""
+    m = ModelShape.from_model_args(args, 4)
     out = {"embedding.word_embeddings.weight": (args.vocab_size, args.hidden_size)}
-    layer = layer_tensor_shapes(args.hidden_size, args.ffn_hidden_size, args.num_heads, args.num_kv_heads,
-                                args.head_dim, args.qkv_bias)
+    if m.positions:
+        out["embedding.position_embeddings.weight"] = (m.positions, args.hidden_size)
+    layer = layer_tensor_shapes(m)
     for i in range(args.num_layers):
         out.update({f"decoder.layers.{i}.{name}": shape for name, shape in layer.items()})
-    out["decoder.final_layernorm.weight"] = (args.hidden_size,)
+    out.update(_norm("decoder.final_layernorm", args.hidden_size, m.norm == "LayerNorm"))
     if not args.tie_word_embeddings:
         out["output_layer.weight"] = (args.vocab_size, args.hidden_size)
     return out
-
-
-_HF_GLOBAL = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
-              "decoder.final_layernorm.weight": "model.norm.weight", "output_layer.weight": "lm_head.weight"}
-_HF_LAYER = {"input_layernorm.weight": "input_layernorm.weight",
-             "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-             "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-             "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
-
-
-def hf_sources(name: str, shape: Shape, args: ModelArgs) -> List[Tuple[str, Shape]]:
-    """The HF tensors (name, shape) that Megatron tensor `name` of full `shape` is made of, in
-    packing order: q, k, v for linear_qkv; gate, up for linear_fc1; else the one same-shaped tensor."""
-    m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name)
-    if m is None:
-        return [(_HF_GLOBAL[name], shape)]
-    prefix, suffix = f"model.layers.{m.group(1)}.", m.group(2)
-    rest = shape[1:]
-    if suffix.startswith("self_attention.linear_qkv."):
-        kind = suffix.rsplit(".", 1)[1]
-        heads = (("q", args.num_heads), ("k", args.num_kv_heads), ("v", args.num_kv_heads))
-        return [(f"{prefix}self_attn.{p}_proj.{kind}", (n * args.head_dim, *rest)) for p, n in heads]
-    if suffix == "mlp.linear_fc1.weight":
-        half = (shape[0] // 2, *rest)
-        return [(prefix + "mlp.gate_proj.weight", half), (prefix + "mlp.up_proj.weight", half)]
-    return [(prefix + _HF_LAYER[suffix], shape)]
 
 
 # ---- bytes ------------------------------------------------------------------------------------
@@ -207,8 +187,8 @@ def kv_bytes(num_layers: int, num_tokens: int, kv_heads: int, head_dim: int, dty
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A decoder's geometry and serving dtype: what weight and KV bytes are computed from. The
-    planner's paper models are ModelShapes with no checkpoint behind them."""
+    """A decoder's geometry, structure and serving dtype: what weight and KV bytes are computed
+    from. The planner's paper models are ModelShapes with no checkpoint behind them."""
 
     name: str
     layers: int
@@ -218,8 +198,16 @@ class ModelShape:
     kv_heads: int
     vocab: int
     head_dim: int = 0
+    """0: hidden // heads."""
     tied: bool = False
     dtype_bytes: int = 2
+    norm: str = "RMSNorm"
+    gated: bool = True
+    linear_bias: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    positions: int = 0
+    """Rows of a learned position embedding (0: RoPE)."""
 
     def __post_init__(self):
         if not self.head_dim:
@@ -227,13 +215,17 @@ class ModelShape:
 
     @property
     def layer_params(self) -> int:
-        """Weights of one layer (QKV biases left out: they are noise next to the matrices)."""
-        shapes = layer_tensor_shapes(self.hidden, self.ffn, self.heads, self.kv_heads, self.head_dim, False)
-        return sum(math.prod(s) for s in shapes.values())
+        """Weights of one layer, biases and norms included."""
+        return sum(math.prod(s) for s in layer_tensor_shapes(self).values())
+
+    @property
+    def _final_norm(self) -> int:
+        return self.hidden * (2 if self.norm == "LayerNorm" else 1)
 
     @property
     def params(self) -> int:
-        return self.layers * self.layer_params + self.vocab * self.hidden * (1 if self.tied else 2)
+        return (self.layers * self.layer_params + self.vocab * self.hidden * (1 if self.tied else 2)
+                + self.positions * self.hidden + self._final_norm)
 
     def kv_bytes_per_token(self, tp: int = 1, layers: Optional[int] = None) -> int:
         """K and V of one token on one TP rank of `layers` layers (KV heads replicate when tp > kv_heads)."""
@@ -241,26 +233,36 @@ class ModelShape:
         return kv_bytes(self.layers if layers is None else layers, 1, heads, self.head_dim, self.dtype_bytes)
 
     def shard_bytes(self, lay) -> float:
-        """Weights of the largest pipeline stage on one TP rank of layout `lay` (embedding and LM
-        head on their stages; both on the one stage when pp == 1 and they are not tied)."""
-        ends = self.vocab * self.hidden * (1 if (self.tied or lay.pp > 1) else 2)
+        """Weights of the largest pipeline stage on one TP rank of layout `lay`: the embedding (and
+        learned positions) on the first stage, the final norm and the LM head on the last (a copy of
+        a tied embedding when pp > 1)."""
+        first = (self.vocab + self.positions) * self.hidden
+        last = self._final_norm + (self.vocab * self.hidden if (not self.tied or lay.pp > 1) else 0)
+        ends = first + last if lay.pp == 1 else max(first, last)
         return (math.ceil(self.layers / lay.pp) * self.layer_params + ends) / lay.tp * self.dtype_bytes
 
     @classmethod
+    def from_fields(cls, f: dict, name: str, dtype_bytes: int) -> "ModelShape":
+        """ModelArgs' fields (a ModelArgs' __dict__, or model_switches.from_hf's answer) -> shape."""
+        return cls(name=name, layers=f["num_layers"], hidden=f["hidden_size"], ffn=f["ffn_hidden_size"],
+                   heads=f["num_heads"], kv_heads=f["num_kv_heads"], vocab=f["vocab_size"], head_dim=f["head_dim"],
+                   tied=f["tie_word_embeddings"], dtype_bytes=dtype_bytes, norm=f["normalization"],
+                   gated=f["gated_mlp"], linear_bias=f["linear_bias"], qkv_bias=f["qkv_bias"], qk_norm=f["qk_norm"],
+                   positions=f["max_position_embeddings"] if f["position_embedding"] == "learned_absolute" else 0)
+
+    @classmethod
     def from_model_args(cls, args: ModelArgs, dtype_bytes: int) -> "ModelShape":
-        return cls(name="model", layers=args.num_layers, hidden=args.hidden_size, ffn=args.ffn_hidden_size,
-                   heads=args.num_heads, kv_heads=args.num_kv_heads, vocab=args.vocab_size, head_dim=args.head_dim,
-                   tied=args.tie_word_embeddings, dtype_bytes=dtype_bytes)
+        return cls.from_fields(vars(args), "model", dtype_bytes)
 
     @classmethod
     def from_hf_config(cls, cfg: dict, name: str = "model", dtype_bytes: Optional[int] = None) -> "ModelShape":
-        """Any Llama-shaped HF config (the architecture is not checked: a plan is only arithmetic)."""
+        """Any decoder's HF config; an architecture outside the switch table is read as
+        Llama-shaped (nothing is refused: a plan is only arithmetic)."""
         try:
-            g = hf_geometry(cfg)
+            f = switches.from_hf(cfg, name, strict=False)
         except KeyError as e:
-            raise ConfigError(f"model config {name!r} lacks {e.args[0]!r}: not a Llama-family config") from None
+            raise ConfigError(f"model config {name!r} lacks {e.args[0]!r}: not a decoder config we can read") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model config {name!r} has an invalid value ({e})") from None
-        return cls(name=name, layers=g["num_layers"], hidden=g["hidden_size"], ffn=g["ffn_hidden_size"],
-                   heads=g["num_heads"], kv_heads=g["num_kv_heads"], vocab=g["vocab_size"], head_dim=g["head_dim"],
-                   tied=g["tie_word_embeddings"], dtype_bytes=dtype_bytes or (4 if "32" in g["torch_dtype"] else 2))
+        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+        return cls.from_fields(f, name, dtype_bytes or (4 if "32" in dtype else 2))

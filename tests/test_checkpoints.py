@@ -1,6 +1,7 @@
-"""Megatron checkpoints made by megatron-core itself: torch_dist under TP2PP2 and legacy
-mp_rank_* under TP2 and TP2PP2, converted and served in several layouts; bad checkpoints
-fail with one line."""
+"""Megatron checkpoints made by megatron-core itself: a Llama-style model as torch_dist under
+TP2PP2 and legacy mp_rank_* under TP2 and TP2PP2, and Megatron's classic GPT (LayerNorm, GELU,
+biases, learned positions, tied) as legacy and torch_dist under TP2, converted and served in
+several layouts; bad checkpoints fail with one line."""
 import os
 import shutil
 import subprocess
@@ -54,6 +55,62 @@ def ckpts(tmp_path_factory):
     return p
 
 
+@pytest.fixture(scope="module")
+def classic(tmp_path_factory):
+    """Megatron's classic GPT, initialised by megatron-core under TP2 (with random biases and
+    norms) and saved in both formats from the same model; megatron-core's own greedy tokens
+    (TP1, resharded by dist_checkpointing); each checkpoint converted to an HF GPT-2 folder."""
+    from tiny_models import build_tokenizer
+
+    root = tmp_path_factory.mktemp("classic")
+    p = {k: str(root / k) for k in ("leg", "dist", "tok", "leg_hf", "dist_hf")}
+    p["ref"] = str(root / "ref.pt")
+    build_tokenizer(p["tok"])
+    megatron_worker(2, "classic", p["leg"], p["dist"])
+    megatron_worker(1, "classic_greedy", p["dist"], p["ref"])
+    convert("--input", p["leg"], "--output", p["leg_hf"], "--tokenizer", p["tok"], "--tp", "2")
+    convert("--input", p["dist"], "--output", p["dist_hf"], "--tokenizer", p["tok"])
+    return p
+
+
+def test_classic_gpt_converts_to_gpt2(classic):
+    """Both formats give the same HF GPT-2 folder: LayerNorm, erf GELU (Megatron's default, HF
+    "gelu"), biases, 128 learned positions, tied, Megatron's padded vocabulary; MHA although the
+    saved args carry num_query_groups=1 (it counts only with group_query_attention)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(classic["leg_hf"], "model.safetensors"))
+    b = load_file(os.path.join(classic["dist_hf"], "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["transformer.wpe.weight"].shape == (128, 64) and "lm_head.weight" not in a
+    assert a["transformer.h.0.attn.c_attn.bias"].abs().min() > 0  # the random biases came through
+    cfg = json.load(open(os.path.join(classic["dist_hf"], "config.json")))
+    assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["activation_function"] == "gelu"
+    assert (cfg["n_head"], cfg["n_inner"], cfg["vocab_size"], cfg["tie_word_embeddings"]) == (4, 176, 512, True)
+
+
+@pytest.mark.parametrize("name", ["leg_hf", "dist_hf"])
+def test_classic_gpt_tokens_match_megatron_and_hf(classic, name):
+    """Greedy tokens: megatron-core's forward == HF transformers on the converted folder == our
+    engine; logits within 1e-5 of megatron-core's."""
+    from transformers import AutoModelForCausalLM
+
+    from seesaw_mc import LLM, SamplingParams
+    from tiny_models import hf_greedy
+
+    ref = torch.load(classic["ref"])
+    path = classic[name]
+    assert hf_greedy(path, ref["prompts"], 10) == ref["tokens"]
+    outs = LLM(path).generate([{"prompt_token_ids": p} for p in ref["prompts"]],
+                              SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == ref["tokens"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(ref["ids"]).logits - ref["logits"]).abs().max().item() <= 1e-5
+
+
 def test_layouts_on_disk(ckpts):
     d = os.path.join(ckpts["dist22"], "iter_0000007")
     assert open(os.path.join(ckpts["dist22"], "latest_checkpointed_iteration.txt")).read().strip() == "7"
@@ -97,14 +154,17 @@ def test_logits_match_megatron_forward(ckpts):
         assert abs(lp.logprob - ref_lp[tid].item()) <= 1e-5, tid
 
 
-def test_converted_checkpoint_in_every_layout(ckpts, tmp_path):
-    """TP1 in-process is covered above; TP2, PP2 and P2->T2 under torchrun equal HF greedy."""
-    model = ckpts["dist22_hf"]
-    cases = [{"name": n, "model": model, "prefill": p, "decode": d, "max_tokens": 10,
+def test_converted_checkpoints_in_every_layout(ckpts, classic, tmp_path):
+    """TP1 in-process is covered above; TP2, PP2 and P2->T2 under torchrun equal HF greedy, for
+    the Llama-style and the classic GPT checkpoints, in one job."""
+    models = {"llama": ckpts["dist22_hf"], "gpt": classic["dist_hf"]}
+    cases = [{"name": f"{m}:{n}", "model": path, "prefill": p, "decode": d, "max_tokens": 10,
               "blocks": None if p == d else 24, "host_blocks": None if p == d else 30}
+             for m, path in models.items()
              for n, p, d in (("tp2", "tp2", "tp2"), ("pp2", "pp2", "pp2"), ("pp2->tp2", "pp2", "tp2"))]
     res = torchrun(2, {"cases": cases}, tmp_path)
-    check(res, model, 10, {"pp2->tp2"})
+    for m, path in models.items():
+        check({k.split(":", 1)[1]: v for k, v in res.items() if k.startswith(m + ":")}, path, 10, {"pp2->tp2"})
 
 
 def _legacy_copy(ckpts, tmp_path, name="leg2"):

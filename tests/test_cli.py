@@ -86,15 +86,15 @@ def test_corrupt_model_weights(tiny_models, tmp_path):
 
 
 def test_unknown_architecture(tiny_models, tmp_path):
-    model = str(tmp_path / "gpt2ish")
+    model = str(tmp_path / "bloomish")
     shutil.copytree(tiny_models["llama"], model)
     cfg_path = os.path.join(model, "config.json")
     cfg = json.load(open(cfg_path))
-    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["architectures"] = ["BloomForCausalLM"]  # ALiBi
     json.dump(cfg, open(cfg_path, "w"))
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
     r = run_cli("generate", "--model", model, "--input", inp, "--output", str(tmp_path / "o.jsonl"))
-    assert_one_error_line(r, 3, "unsupported architecture 'GPT2LMHeadModel'")
+    assert_one_error_line(r, 3, "unsupported architecture 'BloomForCausalLM'")
 
 
 @pytest.mark.parametrize("rows,fragments", [

@@ -19,7 +19,7 @@ def mixed_prompts(n=10, seed=0, lo=2, hi=60):
     return [[rng.randrange(3, 320) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "qwen3"])
 def test_greedy_matches_hf(tiny_models, family):
     path = tiny_models[family]
     prompts = mixed_prompts(seed=hash(family) % 100)

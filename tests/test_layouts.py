@@ -134,6 +134,18 @@ def test_layout_logits_agree_on_a_default_initialised_model(tmp_path):
         assert gap < 1e-5, (name, gap)
 
 
+def test_two_ranks_gpt2_and_qwen3(tiny_models, tmp_path):
+    """GPT-2 (LayerNorm, GELU, biases, learned positions on the first stage, tied) and Qwen3 (q/k
+    norms, head_dim != hidden/heads): tp2, pp2, P2->T2 and T2->P2, both families in one job."""
+    pairs = [("tp2", "tp2"), ("pp2", "pp2"), ("pp2", "tp2"), ("tp2", "pp2")]
+    spec = {"cases": [dict(c, name=f"{family}:{c['name']}")
+                      for family in ("gpt2", "qwen3") for c in cases(tiny_models[family], pairs, 12)]}
+    res = torchrun(2, spec, tmp_path)
+    for family in ("gpt2", "qwen3"):
+        mine = {k.split(":", 1)[1]: v for k, v in res.items() if k.startswith(family + ":")}
+        check(mine, tiny_models[family], 12, {"pp2->tp2", "tp2->pp2"})
+
+
 def test_four_ranks(tiny_models, tmp_path):
     spec = {"cases": cases(tiny_models["llama"], [("tp2pp2", "tp2pp2"), ("pp4", "tp2pp2")], 12)}
     res = torchrun(4, spec, tmp_path)

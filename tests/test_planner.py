@@ -22,17 +22,28 @@ def test_preset_sizes(name, billions):
     assert MODELS[name].params / 1e9 == pytest.approx(billions, rel=0.01)
 
 
-def test_shape_from_hf_config_counts_like_transformers(tiny_models):
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "qwen3"])
+def test_shape_from_hf_config_counts_like_transformers(tiny_models, family):
+    """Every weight, biases, norms (q/k norms too) and learned positions included, exactly."""
     import transformers as tf
 
-    shape = planner.resolve_model(tiny_models["qwen2"])  # GQA 6/2, tied embeddings
-    model = tf.AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])
-    final_norm = model.config.hidden_size
-    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
-    assert shape.params + final_norm + biases == model.num_parameters()
-    assert shape.tied and shape.dtype_bytes == 4
-    assert shape.kv_bytes_per_token() == 2 * 5 * 2 * 16 * 4  # K and V, 5 layers, 2 KV heads of 16, fp32
-    assert shape.kv_bytes_per_token(tp=2, layers=3) == 2 * 3 * 1 * 16 * 4
+    shape = planner.resolve_model(tiny_models[family])
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_models[family])
+    assert shape.params == model.num_parameters()
+    assert shape.dtype_bytes == 4
+
+
+def test_kv_sizing_uses_the_explicit_head_dim(tiny_models):
+    qwen2 = planner.resolve_model(tiny_models["qwen2"])  # GQA 6/2, tied embeddings
+    assert qwen2.tied
+    assert qwen2.kv_bytes_per_token() == 2 * 5 * 2 * 16 * 4  # K and V, 5 layers, 2 KV heads of 16, fp32
+    assert qwen2.kv_bytes_per_token(tp=2, layers=3) == 2 * 3 * 1 * 16 * 4
+    qwen3 = planner.resolve_model(tiny_models["qwen3"])  # head_dim 24, not 64 / 4
+    assert qwen3.head_dim == 24 and qwen3.kv_bytes_per_token() == 2 * 3 * 2 * 24 * 4
+    gpt2 = planner.resolve_model(tiny_models["gpt2"])  # MHA: 6 KV heads of 12
+    assert gpt2.kv_bytes_per_token(tp=2) == 2 * 3 * 3 * 12 * 4
+    # learned positions sit with the embedding on the first stage
+    assert gpt2.positions == 256
 
 
 def test_candidate_layouts_follow_the_engine_rules():

@@ -9,8 +9,10 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from seesaw_mc import model_switches as switches
 from seesaw_mc.errors import ModelError
-from seesaw_mc.model_spec import ModelArgs, hf_sources, megatron_tensor_shapes
+from seesaw_mc.model.hf_names import hf_sources
+from seesaw_mc.model_spec import ModelArgs, megatron_tensor_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
@@ -27,31 +29,23 @@ def unpack_qkv(t: torch.Tensor, args: ModelArgs) -> Tuple[torch.Tensor, torch.Te
 
 
 def hf_tensors(tensors: Dict[str, torch.Tensor], args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Full Megatron tensors -> HF tensors (model/hf_import.py's inverse)."""
     for name, shape in megatron_tensor_shapes(args).items():
         t = tensors[name]
         if ".linear_qkv." in name:
-            parts = unpack_qkv(t, args)
-        elif name.endswith("linear_fc1.weight"):
-            parts = tuple(half.contiguous() for half in t.chunk(2, dim=0))  # [gate; up]
-        else:
-            parts = (t,)
-        for (hf_name, _), part in zip(hf_sources(name, shape, args), parts):
-            yield hf_name, part
+            t = torch.cat(unpack_qkv(t, args), dim=0)  # [q; k; v]
+        src = hf_sources(name, shape, args)
+        parts = t.split([s[0] for _, s in src.parts], dim=0)  # [q; k; v], [gate; up] or the one tensor
+        for (hf_name, _), part in zip(src.parts, parts):
+            yield hf_name, (part.t() if src.transposed else part).contiguous()
 
 
 def hf_config(args: ModelArgs, eos_token_id=None, bos_token_id=None):
+    """The transformers config of args.architecture (model_switches.to_hf names its fields)."""
     import transformers as tf
 
-    cls = tf.Qwen2Config if args.architecture == "Qwen2ForCausalLM" else tf.LlamaConfig
-    kw = dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.ffn_hidden_size,
-              num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-              num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim, rms_norm_eps=args.rms_norm_eps,
-              rope_theta=args.rope_theta, max_position_embeddings=args.max_position_embeddings,
-              tie_word_embeddings=args.tie_word_embeddings, hidden_act="silu", eos_token_id=eos_token_id,
-              bos_token_id=bos_token_id)
-    if cls is tf.LlamaConfig:
-        kw.update(attention_bias=False, mlp_bias=False)
-    cfg = cls(**kw)
+    model_type, kw = switches.to_hf(args)
+    cfg = tf.AutoConfig.for_model(model_type, **kw, eos_token_id=eos_token_id, bos_token_id=bos_token_id)
     cfg.architectures = [args.architecture]
     cfg.torch_dtype = args.torch_dtype
     return cfg

@@ -64,7 +64,7 @@ def read_legacy(path: str, expect_tp: Optional[int] = None, expect_pp: Optional[
         if layers != list(range(len(layers))):
             raise ModelError(f"{os.path.dirname(row[0])}: layer numbering {layers[:8]} is not 0..n-1")
         for n in names:
-            full = merge_tp(n, [sd[n] for sd in per_rank], os.path.dirname(row[0]))
+            full = merge_tp(n, [sd[n] for sd in per_rank], os.path.dirname(row[0]), args.gated_mlp)
             m = re.match(r"decoder\.layers\.(\d+)\.(.*)", n)
             key = f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}" if m else n
             if key in tensors and not key.startswith("embedding") and key != "output_layer.weight":

@@ -3,8 +3,9 @@ the pickles that hold them, read with `weights_only=True` (argparse.Namespace an
 types Megatron-LM stores allow-listed, for the call only), never unpickled freely; a
 torch_dist `.metadata` goes through dcp_metadata.py's allow-list. Optimizer state is never read.
 
-Hyper-parameters come from the saved args; what the engine cannot run (MoE, LayerNorm, GELU,
-learned positions, biases, QK-norm) is rejected with one line.
+Hyper-parameters come from the saved args through the switch table (model_switches.py); what
+the engine cannot run (MoE, ALiBi or other position schemes, sliding windows, partial or scaled
+RoPE, ...) is rejected with one line that names the argument.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from seesaw_mc import model_switches as switches
 from seesaw_mc.errors import ModelError
-from seesaw_mc.model_spec import ModelArgs, megatron_tensor_shapes
+from seesaw_mc.model_spec import ModelArgs, check_model_args, megatron_tensor_shapes
 
 
 def first_line(e: BaseException) -> str:
@@ -60,74 +62,57 @@ def load_pt(path: str):
 
 
 # -- hyper-parameters ------------------------------------------------------------------------
+# Saved Megatron-LM arguments that change the forward pass in a way the engine does not
+# implement: (argument, is_unsupported(value), what it is). Absent means Megatron-LM's default.
+_UNSUPPORTED = (
+    ("num_experts", bool, "mixture of experts"),
+    ("normalization", lambda v: v not in ("LayerNorm", "RMSNorm"), "normalization"),
+    ("position_embedding_type", lambda v: v not in ("rope", "learned_absolute"), "position embedding"),
+    ("squared_relu", bool, "squared-ReLU MLP"),
+    ("qk_l2_norm", bool, "L2 q/k norm"),
+    ("multi_latent_attention", bool, "multi-latent attention"),
+    ("apply_layernorm_1p", bool, "zero-centred LayerNorm (1 + weight)"),
+    ("layernorm_zero_centered_gamma", bool, "zero-centred LayerNorm (1 + weight)"),
+    ("apply_residual_connection_post_layernorm", bool, "residual taken after the norm"),
+    ("rotary_percent", lambda v: float(v) != 1.0, "partial rotary"),
+    ("rotary_interleaved", bool, "interleaved rotary"),
+    ("rope_scaling", bool, "RoPE scaling"),
+    ("use_rope_scaling", bool, "RoPE scaling"),
+    ("window_size", bool, "sliding-window attention"),
+    ("heterogeneous_layers_config_path", bool, "heterogeneous layers"),
+)
+
+
 def model_args_from_megatron(ns, where: str) -> Tuple[ModelArgs, int, int]:
     """Saved Megatron-LM args -> (ModelArgs, tp, pp) of the checkpoint; one-line errors."""
     a = vars(ns) if isinstance(ns, argparse.Namespace) else dict(ns or {})
     if not a:
         raise ModelError(f"{where}: no saved 'args' (needed for the model's hyper-parameters)")
-
-    def unsupported(what: str):
-        raise ModelError(f"{where}: unsupported model: {what} (supported: Llama-style decoders with RMSNorm, "
-                         f"SwiGLU, RoPE, no linear biases, optional QKV bias)")
-
-    if a.get("num_experts"):
-        unsupported(f"mixture of experts ({a.get('num_experts')} experts)")
-    if a.get("normalization", "LayerNorm") != "RMSNorm":
-        unsupported(f"normalization {a.get('normalization', 'LayerNorm')!r}")
-    if not a.get("swiglu", False):
-        unsupported("activation is not SwiGLU")
-    pos = a.get("position_embedding_type", "learned_absolute")
-    if pos != "rope" and not a.get("use_rotary_position_embeddings", False):
-        unsupported(f"position embedding {pos!r}")
-    if a.get("add_bias_linear", True):
-        unsupported("linear layers with bias (add_bias_linear)")
-    if a.get("qk_layernorm", False):
-        unsupported("QK layernorm")
-    if float(a.get("rotary_percent", 1.0)) != 1.0:
-        unsupported(f"partial rotary (rotary_percent={a['rotary_percent']})")
-    if a.get("rope_scaling", False) or a.get("use_rope_scaling", False):
-        unsupported("RoPE scaling")
+    for key, bad, what in _UNSUPPORTED:
+        value = a.get(key)
+        if value is not None and bad(value):
+            detail = f" ({value} experts)" if key == "num_experts" else ""
+            raise ModelError(f"{where}: unsupported model: {what}{detail} ({key}={value!r})")
     try:
-        hidden = int(a["hidden_size"])
-        heads = int(a["num_attention_heads"])
-        groups = int(a.get("num_query_groups") or heads) if a.get("group_query_attention", False) else heads
-        vocab = int(a.get("padded_vocab_size") or a["vocab_size"])
+        fields = switches.from_megatron_lm(a)
+        fields["architecture"] = switches.hf_architecture(fields, where)
         args = ModelArgs(
-            architecture="Qwen2ForCausalLM" if a.get("add_qkv_bias", False) else "LlamaForCausalLM",
-            vocab_size=vocab, hidden_size=hidden,
-            ffn_hidden_size=int(a.get("ffn_hidden_size") or 4 * hidden),
-            num_layers=int(a["num_layers"]), num_heads=heads, num_kv_heads=groups,
-            head_dim=int(a.get("kv_channels") or hidden // heads),
-            rope_theta=float(a.get("rotary_base", 10000)), rms_norm_eps=float(a.get("norm_epsilon", 1e-5)),
-            qkv_bias=bool(a.get("add_qkv_bias", False)),
-            tie_word_embeddings=not a.get("untie_embeddings_and_output_weights", False),
-            max_position_embeddings=int(a.get("max_position_embeddings") or a.get("seq_length") or 2048),
-            sliding_window=None,
-            torch_dtype="bfloat16" if a.get("bf16") else ("float16" if a.get("fp16") else "float32"),
-        )
+            **fields, sliding_window=None,
+            torch_dtype="bfloat16" if a.get("bf16") else ("float16" if a.get("fp16") else "float32"))
         tp = int(a.get("tensor_model_parallel_size", 1))
         pp = int(a.get("pipeline_model_parallel_size", 1))
     except KeyError as e:
         raise ModelError(f"{where}: saved args lack {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise ModelError(f"{where}: saved args have an invalid value ({e})") from None
-    if heads % args.num_kv_heads:
-        raise ModelError(f"{where}: {heads} attention heads are not a multiple of {args.num_kv_heads} query groups")
-    return args, tp, pp
+    return check_model_args(args, where), tp, pp
 
 
 def args_namespace(args: ModelArgs, tp: int = 1, pp: int = 1) -> argparse.Namespace:
     """ModelArgs -> the Megatron-LM training args that describe the same model."""
-    return argparse.Namespace(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_heads, group_query_attention=args.num_kv_heads != args.num_heads,
-        num_query_groups=args.num_kv_heads, kv_channels=args.head_dim, normalization="RMSNorm",
-        norm_epsilon=args.rms_norm_eps, swiglu=True, position_embedding_type="rope", rotary_base=args.rope_theta,
-        rotary_percent=1.0, untie_embeddings_and_output_weights=not args.tie_word_embeddings, add_bias_linear=False,
-        add_qkv_bias=args.qkv_bias, padded_vocab_size=args.vocab_size, vocab_size=args.vocab_size,
-        max_position_embeddings=args.max_position_embeddings, seq_length=args.max_position_embeddings,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_experts=None,
-        bf16=args.torch_dtype == "bfloat16", fp16=args.torch_dtype == "float16")
+    return argparse.Namespace(**switches.to_megatron_lm(args), tensor_model_parallel_size=tp,
+                              pipeline_model_parallel_size=pp, bf16=args.torch_dtype == "bfloat16",
+                              fp16=args.torch_dtype == "float16")
 
 
 def check_expected(where: str, tp: int, pp: int, expect_tp: Optional[int], expect_pp: Optional[int]) -> None:

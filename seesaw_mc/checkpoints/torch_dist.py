@@ -96,9 +96,12 @@ def write_torch_dist(out: str, args: ModelArgs, tensors: Iterator[Tuple[str, tor
     save_megatron(out, model, args, iteration)
 
 
-def save_megatron(out: str, model, args: ModelArgs, iteration: int = 1, tp: int = 1, pp: int = 1) -> str:
+def save_megatron(out: str, model, args, iteration: int = 1, tp: int = 1, pp: int = 1) -> str:
     """dist_checkpointing.save of a GPTModel in Megatron-LM's layout (collective over the
-    model's ranks). Returns the iteration folder."""
+    model's ranks). `args`: ModelArgs, or the Megatron-LM Namespace to save as is. Returns the
+    iteration folder."""
+    import argparse
+
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -108,7 +111,8 @@ def save_megatron(out: str, model, args: ModelArgs, iteration: int = 1, tp: int 
     if dist.get_rank() == 0:
         os.makedirs(d, exist_ok=True)
     dist.barrier()
-    state = {"model": model.sharded_state_dict(), "args": args_namespace(args, tp, pp),
+    ns = args if isinstance(args, argparse.Namespace) else args_namespace(args, tp, pp)
+    state = {"model": model.sharded_state_dict(), "args": ns,
              "checkpoint_version": 3.0, "iteration": iteration}
     with mc.cpu_device_shim():
         dist_checkpointing.save(state, d)

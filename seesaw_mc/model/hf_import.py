@@ -8,7 +8,8 @@ from typing import Dict, Iterator, Tuple
 import torch
 
 from seesaw_mc.errors import ModelError
-from seesaw_mc.model_spec import ModelArgs, hf_sources, megatron_tensor_shapes
+from seesaw_mc.model.hf_names import hf_sources, qkv_rows
+from seesaw_mc.model_spec import ModelArgs, megatron_tensor_shapes
 
 
 class SafetensorsReader:
@@ -38,7 +39,12 @@ class SafetensorsReader:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
-            raise ModelError(f"checkpoint is missing tensor {name!r}")
+            # A checkpoint saved from the bare base model (GPT2Model, LlamaModel: the hub's gpt2 is one)
+            # lacks the `transformer.` / `model.` prefix.
+            bare = name.split(".", 1)[1]
+            if bare not in self._where:
+                raise ModelError(f"checkpoint is missing tensor {name!r}")
+            name = bare
         path = self._where[name]
         try:
             return self._handles[path].get_tensor(name)
@@ -66,10 +72,11 @@ def iter_megatron_tensors(model_dir: str, args: ModelArgs) -> Iterator[Tuple[str
     """Yield (megatron_name, full tensor) for the whole model, shapes checked against the config."""
     r = SafetensorsReader(model_dir)
     for name, shape in megatron_tensor_shapes(args).items():
-        parts = [_expect(r.get(hf), hf_shape, hf) for hf, hf_shape in hf_sources(name, shape, args)]
+        src = hf_sources(name, shape, args)
+        parts = [_expect(r.get(hf), src.disk_shape(i), hf) for i, (hf, _) in enumerate(src.parts)]
+        if src.transposed:  # Conv1D: [in, out] -> Linear's [out, in]
+            parts = [p.t() for p in parts]
+        full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # [q; k; v] or [gate; up]
         if ".linear_qkv." in name:
-            yield name, pack_qkv(*parts, args)
-        elif name.endswith("linear_fc1.weight"):
-            yield name, torch.cat(parts, dim=0)  # [gate; up]
-        else:
-            yield name, parts[0]
+            full = pack_qkv(*full.split(qkv_rows(args), dim=0), args)
+        yield name, full.contiguous() if src.transposed else full

@@ -14,18 +14,23 @@ import torch
 from seesaw_mc.errors import ModelError
 
 
-def tp_rule(name: str) -> Optional[str]:
-    """How TP partitions tensor `name`: "qkv", "fc1", "row", "vocab", "replicated", or None."""
+def tp_rule(name: str, gated: bool = True) -> Optional[str]:
+    """How TP partitions tensor `name`: "qkv", "fc1" (gated [gate; up]), "column", "row",
+    "vocab", "replicated", or None. Biases follow their layer the Megatron way: a column-parallel
+    bias is split with its rows; a row-parallel bias is whole on every rank (added once, after
+    the all-reduce)."""
     if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
         return "qkv"
-    if name.endswith("linear_fc1.weight"):
-        return "fc1"
+    if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
+        return "fc1" if gated else "column"
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return "row"
     if name.endswith(("word_embeddings.weight", "output_layer.weight")):
         return "vocab"
-    # torch_dist checkpoints of the local spec store the norms under TE-style keys
-    if name.endswith(("layernorm.weight", "layer_norm_weight")):
+    # Norms (q/k norms too), row-parallel biases, learned positions. torch_dist checkpoints of
+    # the local spec store the norms under TE-style keys (layer_norm_weight / layer_norm_bias).
+    if name.endswith(("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias",
+                      "linear_proj.bias", "linear_fc2.bias", "position_embeddings.weight")):
         return "replicated"
     return None
 
@@ -73,7 +78,8 @@ def _split_qkv(full: torch.Tensor, rank: int, size: int, num_groups: int) -> tor
 
 
 def _merge_column(shards: List[torch.Tensor]) -> torch.Tensor:
-    """qkv (whole groups, in rank order), embedding and output layer (vocab rows in rank order)."""
+    """qkv (whole groups, in rank order), a plain fc1, embedding and output layer (vocab rows in
+    rank order)."""
     return torch.cat(shards, dim=0)
 
 
@@ -119,12 +125,12 @@ def _split_vocab(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 
 # ---- the two directions -----------------------------------------------------------------------
 def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, num_kv_heads: int,
-                 fc1_pairs: int = 1) -> torch.Tensor:
+                 fc1_pairs: int = 1, gated: bool = True) -> torch.Tensor:
     """The TP shard of a full Megatron-named tensor (a view when tp_size == 1). fc1_pairs: how
-    the master linear_fc1 is interleaved (see interleave_fc1)."""
-    rule = tp_rule(name)
+    the master linear_fc1 is interleaved (see interleave_fc1); gated: linear_fc1 is [gate; up]."""
     if tp_size == 1:
         return full
+    rule = tp_rule(name, gated)
     if rule == "qkv":
         return _split_qkv(full, tp_rank, tp_size, num_kv_heads)
     if rule == "fc1":
@@ -135,6 +141,8 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, num_
         if full.dim() == 3:  # chunk_row's layout: whole chunks, contiguous
             return full.chunk(tp_size, dim=0)[tp_rank]
         return _split_row(full, tp_rank, tp_size)
+    if rule == "column":
+        return full.chunk(tp_size, dim=0)[tp_rank]
     if rule == "vocab":
         return _split_vocab(full, tp_rank, tp_size)
     if rule == "replicated":
@@ -142,11 +150,11 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, num_
     raise KeyError(f"no sharding rule for {name}")
 
 
-def merge_tp(name: str, shards: List[torch.Tensor], where: str) -> torch.Tensor:
+def merge_tp(name: str, shards: List[torch.Tensor], where: str, gated: bool = True) -> torch.Tensor:
     """The full tensor from every TP rank's shard of `name` (Megatron's split, inverted)."""
     if len(shards) == 1:
         return shards[0]
-    rule = tp_rule(name)
+    rule = tp_rule(name, gated)
     if rule == "replicated":
         if any(not torch.equal(shards[0], s) for s in shards[1:]):
             raise ModelError(f"{where}: replicated tensor {name} differs between TP ranks")

@@ -8,6 +8,7 @@ applied here and only here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -62,22 +63,20 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+# ModelArgs.activation -> the activation_func megatron-core's MLP calls (model_switches.py).
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
 def transformer_config(args, params_dtype: torch.dtype, tp_size: int = 1, pp_size: int = 1) -> TransformerConfig:
-    """A megatron-core TransformerConfig for a Llama-family decoder (inference only)."""
+    """A megatron-core TransformerConfig for a ModelArgs (inference only): the structural
+    switches come from model_switches' table, the rest suits the device."""
+    from seesaw_mc.model_switches import mcore_switches
+
     on_cpu = not HAS_CUDA
+    switches, _ = mcore_switches(args)
+    switches["activation_func"] = ACTIVATIONS[switches["activation_func"]]
     return TransformerConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_heads,
-        num_query_groups=args.num_kv_heads,
-        kv_channels=args.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=args.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=args.qkv_bias,
+        **switches,
         rotary_interleaved=False,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -297,7 +296,7 @@ def init_megatron_parallel(tp: int, pp: int, seed: int = 1234) -> None:
 
 def megatron_gpt_model(args, params_dtype: torch.dtype = torch.float32, vocab_size: Optional[int] = None,
                        init_std: float = 0.02):
-    """A megatron-core GPTModel (local layer spec) for a Llama-family ModelArgs, on this rank's
+    """A megatron-core GPTModel (local layer spec) for a ModelArgs of any family, on this rank's
     pipeline stage of the global parallel state (init_megatron_parallel). Its state dict uses
     Megatron's names; its sharded_state_dict reshards through dist_checkpointing."""
     from megatron.core import parallel_state
@@ -313,13 +312,16 @@ def megatron_gpt_model(args, params_dtype: torch.dtype = torch.float32, vocab_si
 
     cfg.init_method = init_method_normal(init_std)
     cfg.output_layer_init_method = scaled_init_method_normal(init_std, args.num_layers)
+    from seesaw_mc.model_switches import mcore_switches
+
+    _, gpt = mcore_switches(args)
+    gpt["rotary_base"] = int(gpt["rotary_base"])
+    if vocab_size:
+        gpt["vocab_size"] = vocab_size
+    spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_norm)
     with cpu_device_shim():
-        model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"),
-                         vocab_size=vocab_size or args.vocab_size, max_sequence_length=args.max_position_embeddings,
-                         pre_process=parallel_state.is_pipeline_first_stage(),
-                         post_process=parallel_state.is_pipeline_last_stage(),
-                         share_embeddings_and_output_weights=args.tie_word_embeddings,
-                         position_embedding_type="rope", rotary_base=int(args.rope_theta))
+        model = GPTModel(cfg, spec, pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage(), **gpt)
     return model.eval()
 
 

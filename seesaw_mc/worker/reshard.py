@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from seesaw_mc.config import Layout
 from seesaw_mc.model.hf_import import iter_megatron_tensors
-from seesaw_mc.model.llama import CausalLM
+from seesaw_mc.model.decoder import CausalLM
 from seesaw_mc.model.sharding import (chunk_row, fc1_interleave_factor, interleave_fc1, lcm_of, shard_shape,
                                      shard_tensor, tp_rule, unchunk_row)
 from seesaw_mc.model_spec import ModelArgs, megatron_tensor_shapes
@@ -32,7 +32,7 @@ class MasterWeights:
     """The host master copy: full Megatron-named tensors in one file per node, mapped shared.
 
     Local rank 0 of each node converts the checkpoint once into a flat file under /dev/shm
-    (linear_fc1 stored as interleaved [gate_c; up_c] pairs, see interleave_fc1);
+    (a gated linear_fc1, weight and bias, stored as interleaved [gate_c; up_c] pairs, see interleave_fc1);
     every rank on the node maps it (MAP_SHARED), so N ranks hold the weights once, not N
     times. Shards are views into the mapping wherever the slice is a strided view of the full
     tensor, which with the interleaved fc1 is every tensor: a re-shard copies no weight bytes
@@ -95,6 +95,8 @@ def local_names(model: CausalLM, name: str) -> List[str]:
         if not model.layer_start <= i < model.layer_end:
             return []
         return [f"decoder.layers.{i - model.layer_start}." + name.split(".", 3)[3]]
+    if name == "embedding.position_embeddings.weight":
+        return [name] if model.pre_process else []
     if name == "embedding.word_embeddings.weight":
         out = [name] if model.pre_process else []
         if model.args.tie_word_embeddings and model.post_process and not model.pre_process:
@@ -107,7 +109,7 @@ def local_names(model: CausalLM, name: str) -> List[str]:
 
 def release_weights(model: CausalLM) -> None:
     """Drop a layout's shards (views of the master copy cost nothing; copies are freed)."""
-    empty = torch.empty(0, dtype=model.config.params_dtype, device=model.rope.device)
+    empty = torch.empty(0, dtype=model.config.params_dtype, device=model.device)
     for p in model.parameters():
         p.data = empty
 
@@ -124,10 +126,11 @@ def load_shards(model: CausalLM, shapes: Dict[str, tuple], tensors: Iterable[Tup
     for name, full in tensors:
         for local in local_names(model, name):
             rule = "output_layer.weight" if local == "output_layer.weight" else name
-            shard = shard_tensor(rule, full, model.tp_rank, model.tp_size, model.args.num_kv_heads, model.fc1_pairs)
+            shard = shard_tensor(rule, full, model.tp_rank, model.tp_size, model.args.num_kv_heads, model.fc1_pairs,
+                                 model.args.gated_mlp)
             if shard_shape(shard) != shapes[local]:
                 raise ValueError(f"{name}: shard {shard_shape(shard)} != parameter {shapes[local]}")
-            data = shard.to(device=model.rope.device, dtype=model.config.params_dtype, non_blocking=non_blocking)
+            data = shard.to(device=model.device, dtype=model.config.params_dtype, non_blocking=non_blocking)
             if data.dim() == 3:  # chunk_row's contiguous chunks, side by side again on the device
                 data = unchunk_row(data)
             if data.untyped_storage().data_ptr() != full.untyped_storage().data_ptr():
@@ -152,7 +155,8 @@ class Resharder:
         groups = mc.build_layout_groups(distinct, args.num_layers, mc.transformer_config(args, dtype))
         self.groups = {name: groups[str(lay)] for name, lay in layouts.items()}
         self.switching = len(distinct) > 1
-        self.fc1_pairs = fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
+        self.fc1_pairs = (fc1_interleave_factor(args.ffn_hidden_size, [lay.tp for lay in distinct.values()])
+                          if args.gated_mlp else 1)  # a plain fc1 splits by contiguous rows already
         # CPU shards are views, strided or not; a GPU copies only contiguous pinned shards asynchronously.
         self.row_chunks = lcm_of(lay.tp for lay in distinct.values()) if device.type == "cuda" else 1
         shards = {key: CausalLM(args, dtype, device, max_len=max_model_len, tp_group=g.tp_group,
@@ -175,9 +179,9 @@ class Resharder:
 
     def _master_form(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """How a tensor is stored in the master so that every layout's shard is one view."""
-        if name.endswith("linear_fc1.weight"):
+        if ".linear_fc1." in name:
             return interleave_fc1(full, self.fc1_pairs)
-        if tp_rule(name) == "row":
+        if tp_rule(name, self.args.gated_mlp) == "row":
             return chunk_row(full, self.row_chunks)
         return full
 

@@ -88,8 +88,9 @@ class ModelRunner:
         self.device = mc.default_device()
         self.block_size = config.cache.block_size
         self.rank = dist.get_rank()
-        kernels = select_kernels(config.kernels, self.device, dtype, args.hidden_size, args.rms_norm_eps,
-                                 log_once=self.rank == 0)
+        # The kernel choice is an RMSNorm's; LayerNorm models (GPT-2) run torch's norm.
+        kernels = select_kernels(config.kernels if args.normalization == "RMSNorm" else "torch", self.device, dtype,
+                                 args.hidden_size, args.norm_eps, log_once=self.rank == 0)
         with job_files() as job:  # the job's shared files exist only within this block
             self.weights = Resharder(config, args, dtype, self.device, max_model_len, layouts, job, kernels)
             self.allreduce, self.shm_allreduce = start_tp_allreduce(allreduce)

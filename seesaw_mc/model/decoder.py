@@ -1,4 +1,7 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) on megatron-core layers.
+"""The decoder of every supported family (Llama, Mistral, Qwen2, Qwen3, GPT-2 and Megatron's
+classic GPT) on megatron-core layers. Its pieces follow ModelArgs' switches (model_switches.py):
+RMSNorm or LayerNorm, a gated or plain MLP and its activation, linear biases, q/k norms, RoPE
+or learned absolute positions, tied or untied output; there is no class per family.
 
 The module tree carries megatron-core's names (`embedding.word_embeddings`,
 `decoder.layers.N.self_attention.linear_qkv`, ..., `output_layer`), so Megatron checkpoints
@@ -12,7 +15,6 @@ import warnings
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seesaw_mc.model.attention import get_attn_metadata, paged_attention
@@ -23,23 +25,14 @@ from seesaw_mc.parallel import megatron_adapter as mc
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 
 def _no_init(_w):
     return None
-
-
-class Embedding(MegatronModule):
-    def __init__(self, config, vocab_size: int, tp_group):
-        super().__init__(config)
-        self.word_embeddings = VocabParallelEmbedding(vocab_size, config.hidden_size, init_method=_no_init,
-                                                      config=config, tp_group=tp_group)
-
-    def forward(self, input_ids):
-        return self.word_embeddings(input_ids)
 
 
 class SelfAttention(MegatronModule):
@@ -51,11 +44,16 @@ class SelfAttention(MegatronModule):
         self.num_kv_heads = args.num_kv_heads // tp
         self.head_dim = d
         self.scale = 1.0 / math.sqrt(d)
+        self.use_rope = args.position_embedding == "rope"
         self.linear_qkv = ColumnParallelLinear(
             args.hidden_size, (args.num_heads + 2 * args.num_kv_heads) * d, config=config, init_method=_no_init,
-            bias=args.qkv_bias, gather_output=False, tp_group=tp_group)
+            bias=args.has_qkv_bias, gather_output=False, tp_group=tp_group)
+        # Qwen3: one norm over each head's head_dim, shared by all heads (megatron-core's qk_layernorm).
+        self.q_layernorm = WrappedTorchNorm(config, d, eps=args.norm_eps) if args.qk_norm else None
+        self.k_layernorm = WrappedTorchNorm(config, d, eps=args.norm_eps) if args.qk_norm else None
+        # Row-parallel bias: added once, after the all-reduce (megatron-core's RowParallelLinear).
         self.linear_proj = RowParallelLinear(
-            args.num_heads * d, args.hidden_size, config=config, init_method=_no_init, bias=False,
+            args.num_heads * d, args.hidden_size, config=config, init_method=_no_init, bias=args.linear_bias,
             input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
         self.kv_cache: Tuple[torch.Tensor, torch.Tensor] = (None, None)
 
@@ -64,37 +62,48 @@ class SelfAttention(MegatronModule):
         qkv, _ = self.linear_qkv(x)
         # Per query group: [q x q_per_group, k, v], each head_dim wide.
         qkv = qkv.view(t, self.num_kv_heads, self.num_heads // self.num_kv_heads + 2, self.head_dim)
-        q = qkv[:, :, :-2].reshape(t, 1, self.num_heads, self.head_dim)
-        k = qkv[:, :, -2:-1].reshape(t, 1, self.num_kv_heads, self.head_dim)
+        q = qkv[:, :, :-2].reshape(t, self.num_heads, self.head_dim)
+        k = qkv[:, :, -2:-1].reshape(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, :, -1].contiguous()
-        q = mc.apply_rope(q, rope).view(t, self.num_heads, self.head_dim)
-        k = mc.apply_rope(k, rope).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if self.use_rope:
+            q = mc.apply_rope(q.view(t, 1, self.num_heads, self.head_dim), rope).view(t, self.num_heads, self.head_dim)
+            k = mc.apply_rope(k.view(t, 1, self.num_kv_heads, self.head_dim), rope).view(
+                t, self.num_kv_heads, self.head_dim)
         o = paged_attention(q, k, v, *self.kv_cache, scale=self.scale)
         out, _ = self.linear_proj(o.reshape(t, self.num_heads * self.head_dim))
         return out
 
 
 class MLP(MegatronModule):
+    """SwiGLU-style (gated: linear_fc1 is [gate; up]) or plain (GELU, with biases: GPT-2)."""
+
     def __init__(self, config, args: ModelArgs, tp_group, fc1_pairs: int = 1):
         super().__init__(config)
         tp = tp_group.size() if tp_group is not None else 1
+        self.gated = args.gated_mlp
         # linear_fc1's local rows are `pairs` interleaved [gate_c; up_c] chunks (sharding.interleave_fc1).
         self.pairs = max(1, fc1_pairs // tp)
-        self.linear_fc1 = ColumnParallelLinear(args.hidden_size, 2 * args.ffn_hidden_size, config=config,
-                                               init_method=_no_init, bias=False, gather_output=False,
-                                               tp_group=tp_group)
+        self.act = config.activation_func
+        width = (2 if self.gated else 1) * args.ffn_hidden_size
+        self.linear_fc1 = ColumnParallelLinear(args.hidden_size, width, config=config, init_method=_no_init,
+                                               bias=args.linear_bias, gather_output=False, tp_group=tp_group)
         self.linear_fc2 = RowParallelLinear(args.ffn_hidden_size, args.hidden_size, config=config,
-                                            init_method=_no_init, bias=False, input_is_parallel=True,
+                                            init_method=_no_init, bias=args.linear_bias, input_is_parallel=True,
                                             skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x):
         h, _ = self.linear_fc1(x)
+        if not self.gated:
+            out, _ = self.linear_fc2(self.act(h))
+            return out
         if self.pairs == 1:
             gate, up = h.chunk(2, dim=-1)
         else:
             h = h.view(h.shape[0], self.pairs, 2, -1)
             gate, up = h[:, :, 0].reshape(h.shape[0], -1), h[:, :, 1].reshape(h.shape[0], -1)
-        out, _ = self.linear_fc2(F.silu(gate) * up)
+        out, _ = self.linear_fc2(self.act(gate) * up)
         return out
 
 
@@ -102,9 +111,9 @@ class DecoderLayer(MegatronModule):
     def __init__(self, config, args: ModelArgs, tp_group, layer_number: int, fc1_pairs: int = 1):
         super().__init__(config)
         self.layer_number = layer_number
-        self.input_layernorm = WrappedTorchNorm(config, args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = WrappedTorchNorm(config, args.hidden_size, eps=args.norm_eps)
         self.self_attention = SelfAttention(config, args, tp_group)
-        self.pre_mlp_layernorm = WrappedTorchNorm(config, args.hidden_size, eps=args.rms_norm_eps)
+        self.pre_mlp_layernorm = WrappedTorchNorm(config, args.hidden_size, eps=args.norm_eps)
         self.mlp = MLP(config, args, tp_group, fc1_pairs)
 
     kernels: KernelChoice = TORCH_KERNELS  # set by CausalLM
@@ -121,12 +130,12 @@ class Decoder(MegatronModule):
         self.layers = nn.ModuleList(
             DecoderLayer(config, args, tp_group, layer_number=i + 1, fc1_pairs=fc1_pairs)
             for i in range(layer_start, layer_end))
-        self.final_layernorm = (WrappedTorchNorm(config, args.hidden_size, eps=args.rms_norm_eps)
+        self.final_layernorm = (WrappedTorchNorm(config, args.hidden_size, eps=args.norm_eps)
                                 if post_process else None)
 
 
 class CausalLM(MegatronModule):
-    """One pipeline stage of a Llama-family model in one TP layout."""
+    """One pipeline stage of a decoder of any supported family in one TP layout."""
 
     def __init__(self, args: ModelArgs, params_dtype: torch.dtype, device: torch.device, max_len: int,
                  tp_group=None, layer_start: int = 0, layer_end: Optional[int] = None, fc1_pairs: int = 1,
@@ -144,10 +153,15 @@ class CausalLM(MegatronModule):
         self.vocab_size = args.vocab_size
         vocab = padded_vocab_size(args.vocab_size, tp)
         if self.pre_process:
-            self.embedding = Embedding(config, vocab, tp_group)
+            # Word embeddings (vocab-parallel), plus learned absolute positions (replicated) when the
+            # model has them: only the first stage holds either, as in megatron-core.
+            self.embedding = LanguageModelEmbedding(config, vocab, args.max_position_embeddings,
+                                                    position_embedding_type=args.position_embedding,
+                                                    tp_group=tp_group)
         self.fc1_pairs = fc1_pairs
         self.decoder = Decoder(config, args, tp_group, layer_start, self.layer_end, self.post_process, fc1_pairs)
-        self.kernels = kernels or TORCH_KERNELS
+        # The fused-norm choice is an RMSNorm kernel: LayerNorm models run torch's norm.
+        self.kernels = (kernels or TORCH_KERNELS) if args.normalization == "RMSNorm" else TORCH_KERNELS
         for layer in self.decoder.layers:
             layer.kernels = self.kernels
         # Tied embeddings: the output layer reuses the embedding, unless this last stage has
@@ -157,14 +171,20 @@ class CausalLM(MegatronModule):
             self.output_layer = ColumnParallelLinear(
                 args.hidden_size, vocab, config=config, init_method=_no_init, bias=False, gather_output=True,
                 skip_weight_param_allocation=self.shares_embedding, tp_group=tp_group)
-        self.register_buffer("rope", mc.rotary_table(args, max_len, device), persistent=False)
+        self.device = device
+        rope = mc.rotary_table(args, max_len, device) if args.position_embedding == "rope" else None
+        self.register_buffer("rope", rope, persistent=False)
+        self.eval()  # no dropout
 
     @torch.inference_mode()
     def forward(self, input_ids: Optional[torch.Tensor], hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids [T] on the first stage, else the previous stage's hidden [T, h]."""
         meta = get_attn_metadata()
-        x = self.embedding(input_ids) if self.pre_process else hidden
-        rope = self.rope[meta.positions]
+        if self.pre_process:  # megatron-core's embedding takes [b, s] and returns [s, b, h]
+            x = self.embedding(input_ids[None], meta.positions[None])[:, 0]
+        else:
+            x = hidden
+        rope = self.rope[meta.positions] if self.rope is not None else None
         for layer in self.decoder.layers:
             x = layer(x, rope)
         return x
