@@ -111,6 +111,24 @@ def test_classic_gpt_tokens_match_megatron_and_hf(classic, name):
         assert (hf(ref["ids"]).logits - ref["logits"]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_new_families_through_torch_dist_are_exact(tiny_models, tmp_path, family):
+    """HF -> torch_dist (saved by megatron-core's GPTModel with LayerNorm, biases, learned positions
+    and openai_gelu; or qk_layernorm and kv_channels) -> HF: bit-exact, config included."""
+    import json
+
+    from safetensors.torch import load_file
+
+    src, dist, back = tiny_models[family], str(tmp_path / "dist"), str(tmp_path / "hf")
+    convert("--input", src, "--output", dist)
+    convert("--input", dist, "--output", back, "--tokenizer", src)
+    a, b = (load_file(os.path.join(p, "model.safetensors")) for p in (src, back))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    want, got = (json.load(open(os.path.join(p, "config.json"))) for p in (src, back))
+    keys = ("architectures", "activation_function", "head_dim", "n_inner", "tie_word_embeddings", "vocab_size")
+    assert {k: want.get(k) for k in keys} == {k: got.get(k) for k in keys}
+
+
 def test_layouts_on_disk(ckpts):
     d = os.path.join(ckpts["dist22"], "iter_0000007")
     assert open(os.path.join(ckpts["dist22"], "latest_checkpointed_iteration.txt")).read().strip() == "7"
