@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-from seesaw_mc import model_switches as switches
+import seesaw_mc.model_switches as switches
 from seesaw_mc.errors import ConfigError, ModelError
 
 Shape = Tuple[int, ...]

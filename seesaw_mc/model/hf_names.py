@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Tuple
 
-from seesaw_mc import model_switches as switches
+import seesaw_mc.model_switches as switches
 from seesaw_mc.model_spec import ModelArgs, Shape
 
 # HF module names per naming scheme (model_switches.Family.naming): Megatron module -> HF module(s).
