@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER = os.environ.get("SEESAW_VLLM_PYTHON", os.path.join(ROOT, ".cache", "peers", "vllm", "bin", "python"))
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not os.path.exists(PEER), reason=f"vLLM peer not installed ({PEER} is missing; `make peers` builds it)")]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,6 @@ def head64_model(tmp_path_factory):
 
 @pytest.mark.timeout(1800)  # vLLM's start-up (dynamo tracing, warm-up) took 300 s on a loaded 2-core machine
 def test_vllm_gives_our_greedy_tokens(head64_model, tmp_path):
-    if not os.path.exists(PEER):
-        pytest.skip(f"vLLM peer not installed ({PEER} is missing; `make peers` builds it)")
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--model", head64_model,
                         "--dataset-name", "fixed", "--input-len", "24", "--output-len", "8", "--num-prompts", "4",

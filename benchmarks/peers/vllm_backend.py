@@ -132,4 +132,5 @@ def backend(args, reqs, result) -> dict:
         raise SystemExit("vllm backend: vLLM returned other lengths than asked (ignore_eos)")
     return result("vllm", reqs, out["generate_s"], {
         "layout": str(lay), "executor": args.vllm_executor, "vllm_version": out["vllm_version"],
-        "startup_s": out["startup_s"], "token_ids": out["token_ids"]})
+        "startup_s": out["startup_s"], "token_ids": out["token_ids"],
+        "peak_rss_mb": None})  # vLLM's memory is in its own processes, which this one does not measure
