@@ -1,7 +1,7 @@
 """One attention case for the GPU check: a paged KV cache with scattered blocks, sequences of
 mixed lengths, and our paged attention against SDPA over each sequence's contiguous K/V.
 
-Only model/attention.py's public surface is used (AttnMetadata, decode_chunks,
+Only model/attention.py's public surface is used (decode_metadata, prefill_metadata,
 set_attn_metadata, paged_attention), so the check follows whatever kernel runs behind it.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from probes import timed
-from seesaw_mc.model.attention import AttnMetadata, decode_chunks, paged_attention, set_attn_metadata
+from seesaw_mc.model.attention import decode_metadata, paged_attention, prefill_metadata, set_attn_metadata
 
 BLOCK = 16
 
@@ -57,9 +57,7 @@ def _decode(device, lens, q, caches, scale):
     one already in the cache: writing it again changes nothing)."""
     k_cache, v_cache, tables, seq_k, seq_v = caches
     last = [n - 1 for n in lens]
-    meta = AttnMetadata(False, torch.tensor(last, device=device),
-                        torch.cat([_slots(t, [p], device) for t, p in zip(tables, last)]),
-                        decode_chunks=decode_chunks(lens, tables, BLOCK, device))
+    meta = decode_metadata(tables, lens, BLOCK, device)
     k_new = torch.stack([k[-1] for k in seq_k])
     v_new = torch.stack([v[-1] for v in seq_v])
 
@@ -107,8 +105,7 @@ def _prefill_diff(device, dtype, lens, heads, kv_heads, head_dim, scale, gen) ->
     cu = [0]
     for n in lens:
         cu.append(cu[-1] + n)
-    meta = AttnMetadata(True, torch.cat([torch.arange(n, device=device) for n in lens]),
-                        torch.cat([_slots(t, range(n), device) for t, n in zip(tables, lens)]), cu_seqlens=cu)
+    meta = prefill_metadata(tables, lens, [0] * len(lens), BLOCK, device)
     set_attn_metadata(meta)
     try:
         out = paged_attention(torch.cat(q), torch.cat(seq_k), torch.cat(seq_v), k_cache, v_cache, scale)

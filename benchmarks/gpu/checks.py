@@ -68,7 +68,9 @@ def _token_exact_one(ctx, path: str, entry: dict) -> bool:
     entry["bf16_vs_fp32_ours"] = first_divergence(runs["bfloat16"][0], runs["float32"][0])
     entry["bf16_vs_fp32_hf"] = first_divergence(runs["bfloat16"][1], runs["float32"][1])
     del entry["at"]
-    return entry["float32"]["equal"] and entry["bfloat16"]["equal"]
+    # bf16 is reported, not required: two implementations round bf16 in another order (our
+    # attention accumulates in fp32), so a near-tie may go either way; fp32 must be exact.
+    return entry["float32"]["equal"]
 
 
 def check_attention(ctx, res) -> str:

@@ -200,6 +200,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     meta = get_attn_metadata()
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     name, op = attention_backend(q.device)
+    if name == "op" and not paged_attn_ext.supports(q.shape[-1]):
+        name, op = "gather", None  # e.g. GPT-2-style head_dim 12: the gather + SDPA fallback
     if meta.is_prefill and not meta.has_prefix:
         return _prefill_fresh(q, k, v, k_cache, v_cache, scale, meta, op)
     if name == "op":

@@ -71,6 +71,11 @@ def load_op() -> Tuple[Optional[object], str]:
         return _LOADED
 
 
+def supports(head_dim: int) -> bool:
+    """The op's vectorised kernels take head_dim in multiples of 8, up to 256."""
+    return head_dim % 8 == 0 and head_dim <= 256
+
+
 def paged_attention(op, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     cu_q: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D]; sequence s owns query rows cu_q[s]:cu_q[s+1], the last of its
