@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--hardware", default="measured",
                     help="A10 | L4 | A100-PCIe | A100-SXM | H100-PCIe | H100-SXM | measured (this machine, now)")
     pl.add_argument("--gpus", type=int, required=True, help="devices (ranks) in the job")
-    pl.add_argument("--workload", default="sharegpt-like", help="arxiv-like | sharegpt-like | a JSONL input file")
+    pl.add_argument("--workload", default="sharegpt-like",
+                    help="arxiv-like | sharegpt-like | random | a JSONL input file")
     pl.add_argument("--num-prompts", type=int, default=500, help="synthetic workloads: requests")
     pl.add_argument("--length-scale", type=float, default=1.0, help="synthetic workloads: multiply every length")
     pl.add_argument("--dtype-bytes", type=int, default=None, help="bytes per weight (default: 2 for presets, "

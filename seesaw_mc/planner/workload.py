@@ -64,4 +64,4 @@ def resolve_workload(spec: str, num_prompts: int = 500, scale: float = 1.0) -> W
         return Workload.preset(spec, num_prompts, scale)
     if os.path.isfile(spec):
         return Workload.from_jsonl(spec)
-    raise ConfigError(f"unknown workload {spec!r}: arxiv-like, sharegpt-like or a JSONL file")
+    raise ConfigError(f"unknown workload {spec!r}: arxiv-like, sharegpt-like, random or a JSONL file")
