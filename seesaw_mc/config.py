@@ -170,9 +170,9 @@ class EngineConfig:
     all-reduce where a TP group spans every rank of the job on one host, else gloo (see
     parallel/deepspeed_ops.py)."""
     kernels: Kernels = Kernels.AUTO
-    """Fused-op implementations. auto: DeepSpeed's inference kernels, then apex, on CUDA;
-    torch otherwise. DeepSpeed and apex kernels are CUDA-only; the choice is logged at
-    start-up (see model/kernels.py)."""
+    """Op implementations. RMSNorm, auto: DeepSpeed's inference kernels, then apex, on CUDA;
+    torch otherwise (model/kernels.py). Linear layers: on CPU, oneDNN with prepacked weights
+    unless this is torch (model/cpu_linear.py). Both choices are logged at start-up."""
     prefill_layout: Layout = field(default_factory=Layout)
     """Layout used for prefill: tp2, pp4, tp2pp2, dp2tp2pp1 (or the paper's T4, P4, D2P4)."""
     decode_layout: Layout = field(default_factory=Layout)

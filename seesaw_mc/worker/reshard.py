@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from seesaw_mc.config import Layout
+from seesaw_mc.model import cpu_linear
 from seesaw_mc.model.hf_import import iter_megatron_tensors
 from seesaw_mc.model.decoder import CausalLM
 from seesaw_mc.model.sharding import (chunk_row, fc1_interleave_factor, interleave_fc1, lcm_of, shard_shape,
@@ -108,7 +109,9 @@ def local_names(model: CausalLM, name: str) -> List[str]:
 
 
 def release_weights(model: CausalLM) -> None:
-    """Drop a layout's shards (views of the master copy cost nothing; copies are freed)."""
+    """Drop a layout's shards (views of the master copy cost nothing; copies are freed), and
+    their packed copies."""
+    cpu_linear.unpack_model(model)
     empty = torch.empty(0, dtype=model.config.params_dtype, device=model.device)
     for p in model.parameters():
         p.data = empty
@@ -149,8 +152,9 @@ class Resharder:
     start-up: re-creating groups leaks them), the master copy, and the active layout."""
 
     def __init__(self, config, args: ModelArgs, dtype: torch.dtype, device: torch.device, max_model_len: int,
-                 layouts: Dict[str, Layout], job: str, kernels):
+                 layouts: Dict[str, Layout], job: str, kernels, linear: str = cpu_linear.TORCH):
         self.args, self.dtype, self.device = args, dtype, device
+        self.linear = linear  # cpu_linear.ONEDNN: each loaded layout's linears are packed for oneDNN
         distinct = {str(lay): lay for lay in layouts.values()}
         groups = mc.build_layout_groups(distinct, args.num_layers, mc.transformer_config(args, dtype))
         self.groups = {name: groups[str(lay)] for name, lay in layouts.items()}
@@ -209,7 +213,10 @@ class Resharder:
         return sum(p.numel() * p.element_size() for p in self.models[self.active].parameters())
 
     def _load(self, model: CausalLM, non_blocking: bool = False) -> int:
-        return load_shards(model, self._shapes[id(model)], self.master.tensors(), non_blocking)
+        copied = load_shards(model, self._shapes[id(model)], self.master.tensors(), non_blocking)
+        if self.linear == cpu_linear.ONEDNN:
+            copied += cpu_linear.pack_model(model)
+        return copied
 
     def activate(self, name: str, drain_kv) -> Optional[dict]:
         """Switch to layout `name`: its process groups and its weight shards. KV needs no move:

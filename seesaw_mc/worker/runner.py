@@ -15,6 +15,7 @@ import torch.distributed as dist
 from seesaw_mc.config import Layout
 from seesaw_mc.core.scheduler import RunnerOutput
 from seesaw_mc.core.step_plan import StepPlan, num_microbatches
+from seesaw_mc.model.cpu_linear import select_linear
 from seesaw_mc.model.attention import decode_metadata, prefill_metadata, set_attn_metadata
 from seesaw_mc.model_spec import ModelArgs
 from seesaw_mc.model.kernels import select_kernels
@@ -92,7 +93,8 @@ class ModelRunner:
         kernels = select_kernels(config.kernels if args.normalization == "RMSNorm" else "torch", self.device, dtype,
                                  args.hidden_size, args.norm_eps, log_once=self.rank == 0)
         with job_files() as job:  # the job's shared files exist only within this block
-            self.weights = Resharder(config, args, dtype, self.device, max_model_len, layouts, job, kernels)
+            linear = select_linear(config.kernels, self.device, dtype, log_once=self.rank == 0)
+            self.weights = Resharder(config, args, dtype, self.device, max_model_len, layouts, job, kernels, linear)
             self.allreduce, self.shm_allreduce = start_tp_allreduce(allreduce)
             first = self.weights.groups["prefill"]
             self.replica_group = first.control_mp  # plans and sampled tokens: control traffic
