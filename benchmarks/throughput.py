@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 import warnings
@@ -41,13 +42,17 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def result(name: str, reqs, elapsed: float, extra=None) -> dict:
+def result(name: str, reqs, elapsed, extra=None) -> dict:
+    """elapsed: seconds of generate, or a list of them (--repeats: the same engine, the same requests
+    again), reported as the median with the runs' output tokens/s alongside."""
     n_in = sum(len(r.prompt_token_ids) for r in reqs)
     n_out = sum(r.output_len for r in reqs)
+    runs = list(elapsed) if isinstance(elapsed, (list, tuple)) else [elapsed]
+    elapsed = statistics.median(runs)
     res = {"backend": name, "elapsed_time": elapsed, "num_requests": len(reqs), "total_num_tokens": n_in + n_out,
            "num_output_tokens": n_out, "requests_per_second": len(reqs) / elapsed,
            "tokens_per_second": (n_in + n_out) / elapsed, "output_tokens_per_second": n_out / elapsed,
-           "peak_rss_mb": rss_mb()}
+           "output_tokens_per_second_runs": [n_out / t for t in runs], "peak_rss_mb": rss_mb()}
     res.update(extra or {})
     whole = ""
     if "startup_s" in res:
@@ -56,6 +61,9 @@ def result(name: str, reqs, elapsed: float, extra=None) -> dict:
                  f"(start-up {res['startup_s']:.1f} s)")
     if rank() != 0:
         return res
+    if len(runs) > 1:
+        tps = res["output_tokens_per_second_runs"]
+        whole += f"; {len(runs)} runs, output tokens/s {min(tps):.2f}-{max(tps):.2f}"
     print(f"[{name}] Throughput: {res['requests_per_second']:.2f} requests/s, {res['tokens_per_second']:.2f} "
           f"total tokens/s, {res['output_tokens_per_second']:.2f} output tokens/s  ({elapsed:.1f} s){whole}",
           flush=True)
@@ -77,9 +85,11 @@ def run_seesaw(args, reqs) -> dict:
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     warm = llm.engine.metrics()
     startup = args.preamble_s + time.time() - t_enter
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=args.tqdm and rank() == 0)
-    elapsed = time.perf_counter() - t0
+    elapsed = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=args.tqdm and rank() == 0)
+        elapsed.append(time.perf_counter() - t0)
     assert [len(o.outputs[0].token_ids) for o in outs] == [r.output_len for r in reqs]
     m = llm.engine.metrics(since=warm)
     trans = m["transitions"]
@@ -88,11 +98,11 @@ def run_seesaw(args, reqs) -> dict:
 
         plot_timeline(args.timeline, m["timeline"], trans,
                       title=f"{args.dataset_name} x{args.length_scale}, {args.layouts}: {len(trans)} transitions, "
-                            f"{sum(t['total_s'] for t in trans) / elapsed:.2%} of {elapsed:.0f} s")
+                            f"{sum(t['total_s'] for t in trans) / sum(elapsed):.2%} of {sum(elapsed):.0f} s")
     return result("seesaw", reqs, elapsed, {
         "layouts": args.layouts or "tp1", "allreduce": m["allreduce"], "engine": m["engine"],
         "transitions": len(trans), "transition_time_s": sum(t["total_s"] for t in trans),
-        "transition_share": sum(t["total_s"] for t in trans) / elapsed, "swap": m["swap"],
+        "transition_share": sum(t["total_s"] for t in trans) / sum(elapsed), "swap": m["swap"],
         "host_blocks": m["host_blocks"], "device_blocks": m["device_blocks"], "startup_s": startup,
         "token_ids": [list(o.outputs[0].token_ids) for o in outs]})
 
@@ -231,6 +241,9 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, default=300, help="fixed dataset")
     p.add_argument("--length-scale", type=float, default=1.0, help="multiply every drawn length (CPU runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="seesaw and vllm backends: generate the requests this many times after one start-up "
+                        "(median reported, each run's figure kept)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backends", default="seesaw,hf")
     p.add_argument("--layouts", default=None,

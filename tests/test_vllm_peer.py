@@ -28,7 +28,7 @@ def test_vllm_gives_our_greedy_tokens(head64_model, tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--model", head64_model,
                         "--dataset-name", "fixed", "--input-len", "24", "--output-len", "8", "--num-prompts", "4",
-                        "--dtype", "float32", "--backends", "seesaw,vllm", "--vllm-python", PEER,
+                        "--dtype", "float32", "--backends", "seesaw,vllm", "--vllm-python", PEER, "--repeats", "2",
                         "--output-json", str(out)], capture_output=True, text=True, timeout=1700,
                        env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -36,4 +36,5 @@ def test_vllm_gives_our_greedy_tokens(head64_model, tmp_path):
     assert [b["backend"] for b in res["results"]] == ["seesaw", "vllm"]
     assert res["identical_vs_vllm"] == 4, r.stdout
     assert all(b["whole_process_output_tokens_per_second"] > 0 for b in res["results"])
+    assert all(len(b["output_tokens_per_second_runs"]) == 2 for b in res["results"])  # one start-up, 2 runs
     assert "ratio_vs_vllm" in res and "ratio_whole_process_vs_vllm" in res

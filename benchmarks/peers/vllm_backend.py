@@ -73,14 +73,15 @@ def _launcher_port() -> int:
 
 
 def run(reqs, model: str, tp: int, pp: int, executor: str, dtype: str = "float32", max_num_seqs: int = 256,
-        python: str = None) -> dict:
-    """Run `reqs` through vLLM; on rank 0 returns token ids, startup_s (spawn to after the warm-up) and
-    generate_s; on other ranks (external_launcher) an empty dict."""
+        python: str = None, repeats: int = 1) -> dict:
+    """Run `reqs` through vLLM `repeats` times after one start-up; on rank 0 returns token ids, startup_s
+    (spawn to after the warm-up) and generate_s (one per repeat); on other ranks (external_launcher) {}."""
     python = peer_python(python)
     port = _launcher_port() if executor == "external_launcher" else None
     cfg = {"model": os.path.abspath(model), "prompt_token_ids": [r.prompt_token_ids for r in reqs],
            "output_lens": [r.output_len for r in reqs], "tp": tp, "pp": pp, "executor": executor,
-           "dtype": "float32" if dtype == "auto" else dtype, "max_num_seqs": max_num_seqs, "warmup": 2}
+           "dtype": "float32" if dtype == "auto" else dtype, "max_num_seqs": max_num_seqs, "warmup": 2,
+           "repeats": repeats}
     with tempfile.TemporaryDirectory(prefix="vllm-peer-") as tmp:
         req, out, log = (os.path.join(tmp, n) for n in ("req.json", "out.json", "vllm.log"))
         with open(req, "w") as f:
@@ -125,7 +126,7 @@ def backend(args, reqs, result) -> dict:
         raise SystemExit(f"vllm backend: external_launcher at {lay} needs {lay.world_size} torchrun ranks, "
                          f"{world} launched")
     out = run(reqs, args.model, lay.tp, lay.pp, args.vllm_executor, args.dtype, args.max_num_seqs,
-              args.vllm_python)
+              args.vllm_python, args.repeats)
     if not out:  # external_launcher, rank > 0
         return {}
     if [len(t) for t in out["token_ids"]] != [r.output_len for r in reqs]:

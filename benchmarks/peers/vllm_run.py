@@ -5,9 +5,9 @@ Runs with the peer venv's python (`make peers` builds it in .cache/peers/vllm), 
     .cache/peers/vllm/bin/python benchmarks/peers/vllm_run.py --requests req.json --output out.json
 
 req.json: {"model", "prompt_token_ids": [[...]], "output_lens": [...], "tp", "pp", "executor" ("mp" or
-"external_launcher"), "dtype", "max_num_seqs", "warmup"}. out.json: {"token_ids": [[...]], "t_start",
-"t_ready", "t_generated" (wall clock: the parent's spawn time makes the whole-process figure), "generate_s",
-"vllm_version"}. Under external_launcher every torchrun rank runs this script, and rank 0 writes out.json.
+"external_launcher"), "dtype", "max_num_seqs", "warmup", "repeats"}. out.json: {"token_ids": [[...]], "t_start",
+"t_ready", "t_generated" (wall clock: the parent's spawn time makes the whole-process figure), "generate_s"
+(one per repeat: the same requests generated again by the same engine), "vllm_version"}. Under external_launcher every torchrun rank runs this script, and rank 0 writes out.json.
 The VLLM_CPU_* variables are set by the caller (throughput.py); the defaults below are the comparison's.
 """
 from __future__ import annotations
@@ -54,10 +54,13 @@ def run(cfg: dict) -> dict:
     if n_warm:
         llm.generate(prompts[:n_warm], params[:n_warm], use_tqdm=False)
     t_ready = time.time()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    generate_s = time.perf_counter() - t0
-    return {"token_ids": [list(o.outputs[0].token_ids) for o in outs], "t_start": T_START, "t_ready": t_ready,
+    generate_s, token_ids = [], None
+    for _ in range(cfg.get("repeats", 1)):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        generate_s.append(time.perf_counter() - t0)
+        token_ids = token_ids or [list(o.outputs[0].token_ids) for o in outs]
+    return {"token_ids": token_ids, "t_start": T_START, "t_ready": t_ready,
             "t_generated": time.time(), "generate_s": generate_s, "vllm_version": vllm.__version__}
 
 
