@@ -1,0 +1,80 @@
+"""Decode step time against the memory floor, one process (the CPU counterpart of the GPU check's
+decode roofline, benchmarks/gpu/checks.py).
+
+A decode step must read every weight it multiplies by (the embedding table is gathered, not read,
+unless it is tied to the output layer) and each sequence's KV so far. The floor is those bytes over
+the measured copy bandwidth (bytes read plus bytes written per second of a large `copy_`, as
+probes.copy_bandwidth counts it). The step time is the difference of two greedy runs, 1 and 1 + N
+output tokens, so that the prefill cancels out; median of --repeats.
+
+    python benchmarks/decode_floor.py --model .cache/models/random-llama-30m --batches 1,64 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "gpu"))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    p.add_argument("--copy-bytes", type=int, default=256 << 20)
+    p.add_argument("--kernels", default="auto")
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    from probes import copy_bandwidth, random_prompts, timed_generate
+    from seesaw_mc import LLM
+    from seesaw_mc.model_spec import ModelShape, load_model_args
+
+    torch.set_num_threads(args.threads)
+    margs = load_model_args(args.model)
+    shape = ModelShape.from_model_args(margs, 4)
+    llm = LLM(args.model, dtype="float32", kernels=args.kernels)
+    device = llm.engine.runner.device
+    bw = statistics.median(copy_bandwidth(device, args.copy_bytes) for _ in range(3))
+    table = margs.vocab_size * margs.hidden_size * 4
+    weights = shape.params * 4 - (0 if margs.tie_word_embeddings else table)
+    timed_generate(llm, random_prompts(1, 16, 16, margs.vocab_size, seed=0), 4)  # warm-up
+    L, n = args.prompt_len, args.steps
+    res = {"model": args.model, "threads": args.threads, "copy_bandwidth_GBps": bw / 1e9, "weight_bytes": weights,
+           "kv_bytes_per_token": shape.kv_bytes_per_token(), "prompt_len": L, "steps": n, "batches": {}}
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write); weights read per step {weights / 1e6:.1f} MB; "
+          f"{args.threads} threads")
+    for b in (int(x) for x in args.batches.split(",")):
+        prompts = random_prompts(b, L, L, margs.vocab_size, seed=b)
+        steps = []
+        for _ in range(args.repeats):
+            t1, _ = timed_generate(llm, prompts, 1)
+            tn, _ = timed_generate(llm, prompts, 1 + n)
+            steps.append((tn - t1) / n)
+        step = statistics.median(steps)
+        read = weights + b * (L + n / 2) * shape.kv_bytes_per_token()
+        floor = read / bw
+        row = res["batches"][str(b)] = {"step_ms": step * 1e3, "step_ms_runs": [s * 1e3 for s in steps],
+                                        "floor_ms": floor * 1e3, "x_floor": step / floor,
+                                        "GBps": read / step / 1e9, "tokens_per_s": b / step}
+        print(f"batch {b:4d}: step {row['step_ms']:.2f} ms ({min(steps) * 1e3:.2f}-{max(steps) * 1e3:.2f}), "
+              f"floor {row['floor_ms']:.2f} ms, {row['x_floor']:.2f}x the floor, {row['GBps']:.1f} GB/s read, "
+              f"{row['tokens_per_s']:.0f} tokens/s")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
