@@ -53,11 +53,14 @@ def _build():
     flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        return load(name=_name(), sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        load(name=_name(), sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
+             verbose=False)
+    return torch.ops.seesaw
 
 
 def load_op() -> Tuple[Optional[object], str]:
-    """(module, "") or (None, why it is unavailable); built the first time, then cached per process."""
+    """(torch.ops.seesaw, "") or (None, why it is unavailable); built the first time, then cached
+    per process."""
     global _LOADED
     with _LOCK:
         if _LOADED is None:
