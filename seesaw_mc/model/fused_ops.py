@@ -7,7 +7,26 @@ Why: after the linear layers, torch's elementwise chain was 12-15% of a CPU step
 30M Llama, 2 threads: mul 4.3%, silu 2.6%, add 1.4%, cat 0.9%, copy_ 0.9%, rms_norm 0.6%, pow,
 cos, sin, neg, sum): megatron's RoPE recomputes cos/sin for every layer and for q and k apart,
 then runs mul/chunk/neg/cat/mul/add, each a pass over memory with a fresh temporary.
-MEASUREMENTS
+
+Per layer call, us, torch -> fused (`benchmarks/fused_ops.py`: fp32, hidden 512, 8 q / 4 kv heads
+of 64, ffn 1408; 1 thread in CPU time, 2 in wall time, min of interleaved rounds, quiet host):
+    threads  tokens  rope (q and k)       add + RMSNorm        silu(gate) * up
+    1        1       224 -> 30     7.4x   51 -> 9.9     5.2x   15 -> 7.6       2.0x
+    1        64      364 -> 59     6.2x   83 -> 26      3.2x   171 -> 79       2.2x
+    1        256     837 -> 109    7.7x   152 -> 68     2.2x   634 -> 292      2.2x
+    1        2048    15857 -> 990  16x    3194 -> 717   4.5x   9418 -> 4742    2.0x
+    2        1       239 -> 32     7.5x   52 -> 9.8     5.3x   14 -> 7.1       2.0x
+    2        64      269 -> 35     7.6x   78 -> 15      5.2x   96 -> 42        2.3x
+    2        256     776 -> 62     12x    112 -> 32     3.5x   353 -> 171      2.1x
+    2        2048    17611 -> 465  38x    803 -> 213    3.8x   4618 -> 2266    2.0x
+Every op wins at every shape, so the three are switched together. silu needs a vectorised exp
+(fused_ops.cpp): with a scalar expf per element it was 3.3x slower than torch's at 64-256 tokens.
+
+Whole engine (`benchmarks/fused_engine_ab.py`: 30M random Llama, fp32, 2 threads, 100 random
+requests, runs with and without interleaved, host shared with other work): output tokens/s
+fused 272.5 (median of 4, 241-295) against torch 247.0 (232-279); fused/torch per adjacent pair
+1.057, 1.040, 1.136, 1.069, and in an earlier run of 3 pairs 1.104, 1.130, 0.930: median of all
+seven 1.07x.
 
 Chosen with the RMSNorm kernel (kernels.py) and logged once: on CPU, unless `--kernels torch`,
 for RMSNorm models in fp32/bf16, when the extension built. LayerNorm models (GPT-2), CUDA and a

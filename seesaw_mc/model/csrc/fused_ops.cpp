@@ -126,7 +126,9 @@ void norm_rows(const T* x, T* residual, const T* weight, T* out, int64_t rows, i
       const float inv = 1.0f / std::sqrt(sumsq / static_cast<float>(dim) + eps);
       T* __restrict__ o = out + r * dim;
 #pragma omp simd
-      for (int64_t i = 0; i < dim; ++i) o[i] = static_cast<T>(static_cast<float>(res[i]) * inv * static_cast<float>(weight[i]));
+      for (int64_t i = 0; i < dim; ++i) {
+        o[i] = static_cast<T>(static_cast<float>(res[i]) * inv * static_cast<float>(weight[i]));
+      }
     }
   });
 }
