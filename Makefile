@@ -20,7 +20,7 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/python -W ignore -c "import torch, megatron.core, transformers, seesaw_mc"
 	# DeepSpeed's shm all-reduce, JIT-built once into $(TORCH_EXTENSIONS_DIR) (falls back to gloo if it cannot).
 	$(BIN)/python -W ignore -m seesaw_mc.parallel.deepspeed_ops build
-	# The CPU paged-attention op, the same way (attention falls back to gather + SDPA if it cannot).
+	# The CPU paged-attention and fused elementwise ops, the same way (torch fallbacks if it cannot).
 	$(BIN)/python -W ignore -m seesaw_mc.model.paged_attn_ext build
 	touch $@
 

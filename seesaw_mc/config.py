@@ -171,8 +171,10 @@ class EngineConfig:
     parallel/deepspeed_ops.py)."""
     kernels: Kernels = Kernels.AUTO
     """Op implementations. RMSNorm, auto: DeepSpeed's inference kernels, then apex, on CUDA;
-    torch otherwise (model/kernels.py). Linear layers: on CPU, oneDNN with prepacked weights
-    unless this is torch (model/cpu_linear.py). Both choices are logged at start-up."""
+    on CPU our fused ops (RMSNorm with the residual add, RoPE, silu * up: model/fused_ops.py),
+    torch where they did not build (model/kernels.py). Linear layers: on CPU, oneDNN with
+    prepacked weights (model/cpu_linear.py). torch: plain torch for all of them. Both choices are
+    logged at start-up."""
     prefill_layout: Layout = field(default_factory=Layout)
     """Layout used for prefill: tp2, pp4, tp2pp2, dp2tp2pp1 (or the paper's T4, P4, D2P4)."""
     decode_layout: Layout = field(default_factory=Layout)

@@ -1,5 +1,5 @@
-"""Kernel selection: explicit, cached, and on CPU always the torch fallback, with no import
-of the CUDA-only candidates failing the run."""
+"""Kernel selection: explicit, cached, and on CPU the fused CPU ops (where they built) or torch,
+with no import of the CUDA-only candidates failing the run."""
 import builtins
 import logging
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seesaw_mc.errors import ConfigError
-from seesaw_mc.model import kernels
+from seesaw_mc.model import fused_ops, kernels
 
 
 @pytest.fixture(autouse=True)
@@ -21,9 +21,11 @@ def fresh_cache():
 def test_cpu_falls_back_to_torch(requested, caplog):
     with caplog.at_level(logging.INFO, logger="seesaw_mc"):
         choice = kernels.select_kernels(requested, torch.device("cpu"), torch.float32, 64, 1e-6)
-    assert choice.rmsnorm == "torch"
+    fused = requested != "torch" and fused_ops.available(torch.float32)[0]
+    assert choice.rmsnorm == ("cpu-op" if fused else "torch") and choice.fused == fused
     if requested in ("auto", "deepspeed", "apex"):
-        assert all(v == "CUDA-only" for v in choice.skipped.values()) and choice.skipped
+        cuda = {k: v for k, v in choice.skipped.items() if k != "fused"}
+        assert all(v == "CUDA-only" for v in cuda.values()) and cuda
     assert [r.getMessage() for r in caplog.records] == [f"kernels: {choice.describe()}"]
     # Cached: a second engine in the process neither re-probes nor logs again.
     caplog.clear()

@@ -11,35 +11,42 @@ Device cache layout per layer: k, v each [num_blocks, block_size, kv_heads, head
 
 Kernels, chosen once per process (`attention_backend`) and logged once:
   - CPU: `paged_attn_ext`, a C++ op JIT-built like DeepSpeed's ops, reads K/V where they lie.
-    Decode, head_dim 64, 8 q / 4 kv heads, block 16, 1 thread, us per layer call (CPU time,
-    min of 10 rounds; lengths spread 0.5x-1.5x around the middle one; `index_select`+SDPA is
-    what ran before):
-        batch  context    gather+SDPA   op      speed-up
-        1      16         129           8       17x
-        1      300        331           57      5.8x
-        1      600        500           128     3.9x
-        16     8-24       356           41      8.8x
-        16     150-450    9725          2846    3.4x
-        16     300-900    15060         6018    2.5x
-        64     8-24       2166          171     13x
-        64     150-450    31144         12888   2.4x
-        64     300-900    115794        26103   4.4x
+    Decode, one layer's call with its K/V write, us (`benchmarks/paged_attention.py`: head_dim
+    64, 8 q / 4 kv heads, block 16, shuffled blocks, lengths 0.5x-1.5x around the middle one;
+    1 thread in CPU time, 2 in wall time, min of interleaved rounds, quiet host):
+        threads  batch  lengths    gather+SDPA   op      speed-up
+        1        1      16         87            24      3.7x
+        1        1      600        375           122     3.1x
+        1        16     50-143     999           268     3.7x
+        1        16     300-862    14563         6232    2.3x
+        1        64     8-23       931           302     3.1x
+        1        64     300-890    113877        23767   4.8x
+        2        1      300        251           56      4.5x
+        2        16     150-431    3282          606     5.4x
+        2        64     50-148     5541          2485    2.2x
+        2        64     300-890    28953         13142   2.2x
+    (all 24 cases: 2.1x-5.9x). Decode is memory-bound: the op reads each K/V byte once, where
+    the gather read it, wrote a copy, and SDPA read the copy.
     FlexAttention on CPU was measured and rejected: inductor's C++ flex template took 15.6 s
-    to compile the first shape and recompiled for every new batch size (11 s for the next),
-    since with dynamic=True torch 2.13 emits C++ that does not compile (undeclared
-    cur_kvSplitSize); steady state it was no faster (6.3 ms for 16 x 300 tokens).
+    to compile the first shape and 11 s again for the next batch size (dynamic=True emits C++
+    that does not compile in torch 2.13: undeclared cur_kvSplitSize), so start-up would blow
+    the 10 s budget and every new shape would stall a step; steady state it took 6.3 ms for
+    16 x 300 tokens, where the op takes about 3.5 ms.
   - CUDA: FlexAttention with the same page table, compiled to Triton (`paged_flex.py`), for
     decode and for prompts with a cached prefix; whole prompts keep SDPA per sequence (flash)
-    until a GPU measures the packed single call against it.
-    torch's own `varlen_attn(block_table=...)` is flash-attention 2, which needs pages of a
-    multiple of 256 tokens and fp16/bf16, so it cannot serve a 16-token fp32 cache.
+    until a GPU measures the packed single call against it. torch's own
+    `varlen_attn(block_table=...)` is flash-attention 2, which needs pages of a multiple of 256
+    tokens and fp16/bf16, so it cannot serve a 16-token fp32 cache.
   - Fallback (the op does not build, flex does not compile): gather + SDPA, as before; the
     reason is logged once, nothing raises.
-Prefill without a cached prefix keeps SDPA over the fresh K/V for prompts longer than
-`OP_PREFILL_MAX_LEN` tokens: SDPA's CPU flash kernel blocks its matmuls and beats the op's
-per-key dot products there (prefill, 1 thread, us: 1 x 100 tokens 607 vs 660, 1 x 300 4609 vs
-6412, 1 x 600 16114 vs 28741), while on short prompts the op wins (1 x 16: 146 vs 27; 16 x
-8-24: 1834 vs 449). Prompts with a cached prefix always go through the op (or flex).
+Prefill without a cached prefix: prompts up to `OP_PREFILL_MAX_LEN` tokens go through the op
+in one call, longer ones through SDPA over the fresh K/V one by one. SDPA's CPU flash kernel
+blocks its matmuls and wins on long prompts, the op wins on short ones (us, SDPA loop vs op in
+one call; 1 thread: 1 x 16 tokens 127 vs 52, 1 x 64 275 vs 322, 1 x 100 585 vs 765, 1 x 300
+4195 vs 6500, 16 x 8-23 1166 vs 446; 2 threads: 1 x 64 383 vs 214, 1 x 300 1865 vs 3174).
+On a mixed batch the split beats both (16 x 150-431, 1 thread: SDPA loop 77429, one call
+104424, split 64650). Prompts with a cached prefix always go through
+the op (or flex).
 """
 from __future__ import annotations
 
@@ -78,19 +85,17 @@ class AttnMetadata:
     """Rows of the final hidden state whose logits are needed (last token of each sequence)."""
     derived: Dict[str, object] = field(default_factory=dict, repr=False)
     """Tensors built from the above on first use, shared by all layers of the step."""
+    query_lens: List[int] = field(init=False)
+    has_prefix: bool = field(init=False)
+    """Some sequence attends to K/V cached before this step (chunked prefill, a shared prefix)."""
+
+    def __post_init__(self):
+        self.query_lens = [b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])]
+        self.has_prefix = any(c > q for c, q in zip(self.context_lens, self.query_lens))
 
     @property
     def device(self) -> torch.device:
         return self.positions.device
-
-    @property
-    def query_lens(self) -> List[int]:
-        return [b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])]
-
-    @property
-    def has_prefix(self) -> bool:
-        """Some sequence attends to K/V cached before this step (chunked prefill, a shared prefix)."""
-        return any(c > q for c, q in zip(self.context_lens, self.query_lens))
 
     def paged_tensors(self):
         """(block_tables [S, max_blocks] int32, cu_q [S+1] int32, context_lens [S] int32)."""
@@ -109,7 +114,9 @@ def prefill_metadata(block_tables: List[List[int]], query_lens: List[int], num_c
     the first num_cached[s] are already in its blocks (0 for a whole prompt)."""
     pos, slots, cu = [], [], [0]
     for bt, n, c in zip(block_tables, query_lens, num_cached):
-        if n < 1 or c < 0 or len(bt) * block_size < c + n:
+        if n < 1 or c < 0:
+            raise ValueError(f"a prefill needs at least 1 query token after 0 or more cached (got {n} after {c})")
+        if len(bt) * block_size < c + n:
             raise ValueError(f"prefill of {n} tokens after {c} cached needs more than {len(bt)} blocks "
                              f"of {block_size}")
         span = range(c, c + n)

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from seesaw_mc.model import fused_ops
 from seesaw_mc.model.attention import get_attn_metadata, paged_attention
 from seesaw_mc.model.kernels import TORCH_KERNELS, KernelChoice, rmsnorm
 from seesaw_mc.model.sharding import padded_vocab_size
@@ -58,16 +59,23 @@ class SelfAttention(MegatronModule):
         self.kv_cache: Tuple[torch.Tensor, torch.Tensor] = (None, None)
 
     def forward(self, x, rope):
+        """rope: megatron's angle rows [T, 1, 1, D], or fused_ops.RopeRows for the fused op."""
         t = x.shape[0]
         qkv, _ = self.linear_qkv(x)
         # Per query group: [q x q_per_group, k, v], each head_dim wide.
         qkv = qkv.view(t, self.num_kv_heads, self.num_heads // self.num_kv_heads + 2, self.head_dim)
+        fused_rope = isinstance(rope, fused_ops.RopeRows)
+        if fused_rope and self.q_layernorm is None:
+            fused_ops.rotary_(qkv[:, :, :-1], rope)  # q and k in place, before they are copied out
         q = qkv[:, :, :-2].reshape(t, self.num_heads, self.head_dim)
         k = qkv[:, :, -2:-1].reshape(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, :, -1].contiguous()
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        if self.use_rope:
+            if fused_rope:
+                fused_ops.rotary_(q[:, None], rope)
+                fused_ops.rotary_(k[:, None], rope)
+        if self.use_rope and not fused_rope:
             q = mc.apply_rope(q.view(t, 1, self.num_heads, self.head_dim), rope).view(t, self.num_heads, self.head_dim)
             k = mc.apply_rope(k.view(t, 1, self.num_kv_heads, self.head_dim), rope).view(
                 t, self.num_kv_heads, self.head_dim)
@@ -86,6 +94,7 @@ class MLP(MegatronModule):
         # linear_fc1's local rows are `pairs` interleaved [gate_c; up_c] chunks (sharding.interleave_fc1).
         self.pairs = max(1, fc1_pairs // tp)
         self.act = config.activation_func
+        self.fusable = self.gated and self.act is torch.nn.functional.silu
         width = (2 if self.gated else 1) * args.ffn_hidden_size
         self.linear_fc1 = ColumnParallelLinear(args.hidden_size, width, config=config, init_method=_no_init,
                                                bias=args.linear_bias, gather_output=False, tp_group=tp_group)
@@ -93,8 +102,11 @@ class MLP(MegatronModule):
                                             init_method=_no_init, bias=args.linear_bias, input_is_parallel=True,
                                             skip_bias_add=False, tp_group=tp_group)
 
-    def forward(self, x):
+    def forward(self, x, fused: bool = False):
         h, _ = self.linear_fc1(x)
+        if fused and self.fusable:
+            out, _ = self.linear_fc2(fused_ops.silu_and_mul(h, self.pairs))
+            return out
         if not self.gated:
             out, _ = self.linear_fc2(self.act(h))
             return out
@@ -121,6 +133,13 @@ class DecoderLayer(MegatronModule):
     def forward(self, x, rope):
         x = x + self.self_attention(rmsnorm(self.kernels, self.input_layernorm, x), rope)
         return x + self.mlp(rmsnorm(self.kernels, self.pre_mlp_layernorm, x))
+
+    def forward_fused(self, residual, delta, rope):
+        """The fused ops' form: the residual stream is updated in place and the layer returns
+        its MLP output, which the next layer adds together with its norm (delta None: first layer)."""
+        h = fused_ops.add_rms_norm(delta, residual, self.input_layernorm)
+        h = fused_ops.add_rms_norm(self.self_attention(h, rope), residual, self.pre_mlp_layernorm)
+        return self.mlp(h, fused=True)
 
 
 class Decoder(MegatronModule):
@@ -174,6 +193,7 @@ class CausalLM(MegatronModule):
         self.device = device
         rope = mc.rotary_table(args, max_len, device) if args.position_embedding == "rope" else None
         self.register_buffer("rope", rope, persistent=False)
+        self.rope_cos_sin = fused_ops.rope_tables(rope) if rope is not None and self.kernels.fused else None
         self.eval()  # no dropout
 
     @torch.inference_mode()
@@ -184,10 +204,19 @@ class CausalLM(MegatronModule):
             x = self.embedding(input_ids[None], meta.positions[None])[:, 0]
         else:
             x = hidden
+        if self.kernels.fused:
+            return self._forward_fused(x, meta.positions)
         rope = self.rope[meta.positions] if self.rope is not None else None
         for layer in self.decoder.layers:
             x = layer(x, rope)
         return x
+
+    def _forward_fused(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rope = fused_ops.rope_rows(*self.rope_cos_sin, positions) if self.rope_cos_sin is not None else None
+        residual, delta = x.contiguous().clone(), None  # updated in place: never the caller's tensor
+        for layer in self.decoder.layers:
+            delta = layer.forward_fused(residual, delta, rope)
+        return residual if delta is None else residual + delta
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,14 @@ JIT-built with nvcc), apex's `fused_rms_norm_affine`, then torch (`WrappedTorchN
 torch.nn.RMSNorm, what megatron-core itself uses without TE/apex). The first two are CUDA-only:
 on CPU torch is chosen without importing either. A candidate that fails to import, build or
 accept the shape is skipped with its reason recorded, never raised.
+
+On CPU (unless `--kernels torch`) the layers' RMSNorm, RoPE and SwiGLU go through the fused ops of
+our C++ extension (fused_ops.py), falling back to torch when it did not build.
 """
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -18,17 +22,19 @@ import torch.nn as nn
 log = logging.getLogger("seesaw_mc")
 
 
-
 @dataclass
 class KernelChoice:
     rmsnorm: str
     skipped: Dict[str, str] = field(default_factory=dict)
     """Candidates not chosen -> why."""
     _fn: Optional[Callable] = None
+    fused: bool = False
+    """The layers run fused_ops (CPU): RoPE, residual add + RMSNorm, silu * up."""
 
     def describe(self) -> str:
         why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
-        return f"rmsnorm={self.rmsnorm}" + (f" (skipped {why})" if why else "")
+        fused = ", fused rope/add+rmsnorm/silu*mul" if self.fused else ""
+        return f"rmsnorm={self.rmsnorm}{fused}" + (f" (skipped {why})" if why else "")
 
 
 def _deepspeed_rmsnorm(hidden: int, dtype: torch.dtype, eps: float) -> Callable:
@@ -58,6 +64,16 @@ def _torch_rmsnorm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def _cpu_fused(choice: KernelChoice, requested: str, dtype: torch.dtype) -> KernelChoice:
+    from seesaw_mc.model import fused_ops
+
+    ok, why = fused_ops.available(dtype) if requested != "torch" else (False, "--kernels torch")
+    if not ok:
+        choice.skipped["fused"] = why
+        return choice
+    return KernelChoice("cpu-op", choice.skipped, fused_ops.rms_norm, fused=True)
+
+
 TORCH_KERNELS = KernelChoice("torch", _fn=_torch_rmsnorm)
 _BUILDERS = {"deepspeed": _deepspeed_rmsnorm, "apex": _apex_rmsnorm}
 _CACHE: Dict[tuple, KernelChoice] = {}
@@ -69,7 +85,7 @@ def select_kernels(requested: str, device: torch.device, dtype: torch.dtype, hid
     from seesaw_mc.config import Kernels
 
     requested = Kernels.parse(requested, "kernels")
-    key = (requested, str(device), dtype, hidden, eps)
+    key = (requested, str(device), dtype, hidden, eps, os.environ.get("SEESAW_FUSED_OPS"))
     if key in _CACHE:
         return _CACHE[key]
     order = ["deepspeed", "apex"] if requested == "auto" else ([requested] if requested != "torch" else [])
@@ -86,6 +102,8 @@ def select_kernels(requested: str, device: torch.device, dtype: torch.dtype, hid
             continue
         choice = KernelChoice(name, choice.skipped, fn)
         break
+    if device.type == "cpu":
+        choice = _cpu_fused(choice, requested, dtype)
     _CACHE[key] = choice
     if log_once:
         log.info("kernels: %s", choice.describe())

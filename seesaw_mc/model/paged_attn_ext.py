@@ -1,4 +1,5 @@
-"""The CPU paged-attention op (`csrc/paged_attention.cpp`): build, load, call.
+"""The CPU paged-attention op (`csrc/paged_attention.cpp`) and, in the same extension, the fused
+elementwise ops (`csrc/fused_ops.cpp`, called through fused_ops.py): build, load, call.
 
 It is a C++ extension JIT-built with `torch.utils.cpp_extension.load` into TORCH_EXTENSIONS_DIR,
 the way DeepSpeed builds its ops; `make venv` builds it once into .cache/torch_extensions:
@@ -24,7 +25,8 @@ import torch
 
 log = logging.getLogger("seesaw_mc")
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "paged_attention.cpp")
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SOURCES = [os.path.join(_CSRC, "paged_attention.cpp"), os.path.join(_CSRC, "fused_ops.cpp")]
 _PROJECT_EXTENSIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                    ".cache", "torch_extensions")
 _LOCK = threading.Lock()
@@ -49,15 +51,19 @@ def _build():
     from torch.utils.cpp_extension import load
 
     if not _built():
-        log.info("building the CPU paged-attention op (once per host, a minute or two; `make venv` does it ahead)")
+        log.info("building the CPU paged-attention and fused ops (once per host, a minute or two; "
+                 "`make venv` does it ahead)")
     flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        return load(name=_name(), sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        load(name=_name(), sources=_SOURCES, extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
+             verbose=False)
+    return torch.ops.seesaw
 
 
 def load_op() -> Tuple[Optional[object], str]:
-    """(module, "") or (None, why it is unavailable); built the first time, then cached per process."""
+    """(torch.ops.seesaw, "") or (None, why it is unavailable); built the first time, then cached
+    per process."""
     global _LOADED
     with _LOCK:
         if _LOADED is None:

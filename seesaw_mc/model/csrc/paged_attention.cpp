@@ -14,6 +14,7 @@
 // K/V) ran at ~75 ns per (query head, key) against ~18 ns when the cache fits in L2; SDPA on
 // the same K/V laid out contiguously took about as long (70 ns).
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -234,6 +235,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "Paged attention over a block-table KV cache, read in place (CPU)");
+// Registered with the dispatcher (not a bare pybind function), so that torch.profiler records
+// it as seesaw::paged_attention and torch.compile can treat it as an opaque op.
+TORCH_LIBRARY(seesaw, m) {
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_q, "
+        "Tensor context_lens, float scale) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(seesaw, CPU, m) { m.impl("paged_attention", &paged_attention); }
