@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["seesaw_mc", "seesaw_mc.*"]),
     # The CPU paged-attention op's source: JIT-built on the host that runs it.
-    package_data={"seesaw_mc.model": ["csrc/*.cpp"]},
+    package_data={"seesaw_mc.model": ["csrc/*.cpp", "csrc/*.h"]},
     # Ranges, not pins: users bring their own (often CUDA) torch. The exact versions
     # tested here live in constraints.txt.
     install_requires=[

@@ -142,10 +142,12 @@ class SchedulerConfig:
     the host tier holds nothing left to decode and the decode batch has fallen to this
     fraction of the largest batch of the current decode phase."""
     pipeline_depth: Optional[int] = None
-    """Steps in flight under pipeline parallelism. None: the layout's pp, so that the next
-    step enters stage 0 while later stages finish the last ones, and decode runs pp groups of
-    sequences in turn (no stage waits on the last). 1: every step waits for its sampled tokens
-    (the pipeline fills and drains every step)."""
+    """Steps in flight under pipeline parallelism. pp: the next step enters stage 0 while later
+    stages finish the last ones, and decode runs pp groups of sequences in turn (no stage waits on
+    the last). 1: every step waits for its sampled tokens (its micro-batches still pipeline within
+    the step). None: pp on CUDA, 1 on CPU, where pp2 measured 214 output tokens/s at depth 1
+    against 149 at depth 2 (30M Llama, 100 random requests, 1 thread per rank, median of 3): each
+    decode group re-reads every weight for half the batch, and gloo's sends do not overlap."""
 
 
 @dataclass

@@ -34,7 +34,8 @@ def main():
         device_cache.available_host_bytes = read_meminfo if mine is None else (lambda: mine)
         llm = LLM(case["model"], prefill_layout=case["prefill"], decode_layout=case["decode"],
                   block_size=4, num_device_blocks=case.get("blocks"), num_host_blocks=case.get("host_blocks"),
-                  max_num_batched_tokens=case.get("budget", 4096), allreduce=case.get("allreduce", "auto"))
+                  max_num_batched_tokens=case.get("budget", 4096), allreduce=case.get("allreduce", "auto"),
+                  pipeline_depth=case.get("depth"))
         prompts = [{"prompt_token_ids": p} for p in prompts_for(case.get("seed", 0), n=case.get("n", 10),
                                                                   vocab=case.get("vocab", 320))]
         greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=case["max_tokens"]), use_tqdm=False)

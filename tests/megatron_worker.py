@@ -2,6 +2,7 @@
 
     python megatron_worker.py logits SRC OUT.pt              # 1 process: GPTModel TP1 forward
     torchrun --nproc-per-node 4 megatron_worker.py dist SRC DST 2 2     # reshard SRC -> TP2PP2 torch_dist
+    torchrun --nproc-per-node 4 megatron_worker.py dist+legacy SRC DST 2 2 LEGACY_DST   # both formats
     torchrun --nproc-per-node 2 megatron_worker.py legacy SRC DST 2     # -> legacy mp_rank_0X (TP2)
     torchrun --nproc-per-node 2 megatron_worker.py classic LEGACY DIST  # a classic GPT, fresh, TP2: both formats
     python megatron_worker.py classic_greedy DIST OUT.pt     # its greedy tokens by megatron-core's forward
@@ -167,9 +168,11 @@ def main():
     from seesaw_mc.checkpoints.megatron_args import args_namespace
     from seesaw_mc.checkpoints.torch_dist import save_megatron
 
-    if mode == "dist":
+    if mode in ("dist", "dist+legacy"):
         save_megatron(dst, model, args, iteration=7, tp=tp, pp=pp)
-        return
+        if mode == "dist":
+            return
+        dst = sys.argv[6]  # dist+legacy: the same loaded model in both formats, one launch
     t, p = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
     save_legacy(dst, model, args_namespace(args, tp, pp), t, p, pp)
 

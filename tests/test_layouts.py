@@ -64,7 +64,10 @@ def cases(model, pairs, max_tokens, blocks=24, host_blocks=30):
 def test_two_ranks(tiny_models, tmp_path, family):
     model = tiny_models[family]
     pairs = [("tp2", "tp2"), ("pp2", "pp2"), ("pp2", "tp2"), ("tp2", "pp2")]
-    res = torchrun(2, {"cases": cases(model, pairs, 12)}, tmp_path)
+    spec = cases(model, pairs, 12)
+    for c in spec:  # two steps in flight under pp (the default is 1 on CPU, pp on CUDA)
+        c["depth"] = 2
+    res = torchrun(2, {"cases": spec}, tmp_path)
     check(res, model, 12, {"pp2->tp2", "tp2->pp2"})
     # The device tier is small too: decode overflows it and swaps sequences back to the host.
     assert res["pp2->tp2"]["preemptions"] > 0 and res["tp2->pp2"]["preemptions"] > 0

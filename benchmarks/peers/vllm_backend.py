@@ -73,7 +73,7 @@ def _launcher_port() -> int:
 
 
 def run(reqs, model: str, tp: int, pp: int, executor: str, dtype: str = "float32", max_num_seqs: int = 256,
-        python: str = None, repeats: int = 1) -> dict:
+        python: str = None, repeats: int = 1, prefix_caching: bool = False) -> dict:
     """Run `reqs` through vLLM `repeats` times after one start-up; on rank 0 returns token ids, startup_s
     (spawn to after the warm-up) and generate_s (one per repeat); on other ranks (external_launcher) {}."""
     python = peer_python(python)
@@ -81,7 +81,7 @@ def run(reqs, model: str, tp: int, pp: int, executor: str, dtype: str = "float32
     cfg = {"model": os.path.abspath(model), "prompt_token_ids": [r.prompt_token_ids for r in reqs],
            "output_lens": [r.output_len for r in reqs], "tp": tp, "pp": pp, "executor": executor,
            "dtype": "float32" if dtype == "auto" else dtype, "max_num_seqs": max_num_seqs, "warmup": 2,
-           "repeats": repeats}
+           "repeats": repeats, "prefix_caching": prefix_caching}
     with tempfile.TemporaryDirectory(prefix="vllm-peer-") as tmp:
         req, out, log = (os.path.join(tmp, n) for n in ("req.json", "out.json", "vllm.log"))
         with open(req, "w") as f:
@@ -106,6 +106,9 @@ def add_arguments(p) -> None:
     p.add_argument("--vllm-layout", default=None, help="vllm backend: tp2, pp2... (default: --layouts)")
     p.add_argument("--vllm-executor", default="mp", choices=["mp", "external_launcher"],
                    help="vllm backend: mp (vLLM spawns its ranks) or external_launcher (one per torchrun rank)")
+    p.add_argument("--vllm-prefix-caching", action="store_true",
+                   help="vllm backend: turn its prefix caching on (off by default: our engine has none, and with "
+                        "--repeats it would skip the prefill of every run after the first)")
     p.add_argument("--vllm-python", default=None, help="vllm backend: the peer venv's python "
                    "(default .cache/peers/vllm/bin/python or $SEESAW_VLLM_PYTHON)")
 
@@ -126,12 +129,13 @@ def backend(args, reqs, result) -> dict:
         raise SystemExit(f"vllm backend: external_launcher at {lay} needs {lay.world_size} torchrun ranks, "
                          f"{world} launched")
     out = run(reqs, args.model, lay.tp, lay.pp, args.vllm_executor, args.dtype, args.max_num_seqs,
-              args.vllm_python, args.repeats)
+              args.vllm_python, args.repeats, args.vllm_prefix_caching)
     if not out:  # external_launcher, rank > 0
         return {}
     if [len(t) for t in out["token_ids"]] != [r.output_len for r in reqs]:
         raise SystemExit("vllm backend: vLLM returned other lengths than asked (ignore_eos)")
     return result("vllm", reqs, out["generate_s"], {
         "layout": str(lay), "executor": args.vllm_executor, "vllm_version": out["vllm_version"],
+        "prefix_caching": args.vllm_prefix_caching,
         "startup_s": out["startup_s"], "token_ids": out["token_ids"],
         "peak_rss_mb": None})  # vLLM's memory is in its own processes, which this one does not measure

@@ -13,41 +13,12 @@
 #include <cstring>
 #include <type_traits>
 
+#include "vec_math.h"
+
 namespace {
 
 // Rows handed to one thread at least: below this the fork costs more than the work.
 int64_t grain(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)); }
-
-typedef float v8f __attribute__((vector_size(32), aligned(4), may_alias));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-// exp(x) on a float or eight (V = v8f), relative error ~1e-7, clamped to [-87, 88]: Cody-Waite
-// reduction and a degree-7 Taylor polynomial. std::exp does not vectorise without -ffast-math,
-// and neither did a clamped scalar loop (GCC 12: "control flow in loop"), so it is written on
-// GCC vectors; a scalar expf per element made silu * up 3x slower than torch's (measured).
-template <typename V, typename I>
-inline V exp_approx(V x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const V r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  V p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  I bits;
-  if constexpr (sizeof(V) == sizeof(float)) {
-    bits = (static_cast<int32_t>(n) + 127) << 23;
-  } else {
-    bits = (__builtin_convertvector(n, I) + 127) << 23;
-  }
-  V scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // o = silu(gate) * up over n elements; silu's output is rounded to T first, as torch's is.
 template <typename T>
