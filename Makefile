@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.seesaw-installed
 DEMO_MODEL := .cache/models/SmolLM2-135M-Instruct
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
