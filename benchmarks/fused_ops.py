@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
@@ -24,22 +23,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from paged_attention import timed  # noqa: E402  (benchmarks/: one timing rule for the microbenchmarks)
 from seesaw_mc.model import fused_ops  # noqa: E402
 from seesaw_mc.parallel import megatron_adapter as mc  # noqa: E402
 
 HIDDEN, H, HKV, D, FFN = 512, 8, 4, 64, 1408
-
-
-def timed(fn, reps: int, rounds: int) -> float:
-    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = clock()
-        for _ in range(reps):
-            fn()
-        best = min(best, (clock() - t) / reps)
-    return best * 1e6
 
 
 def rope_case(t: int):
