@@ -3,7 +3,10 @@
 `from seesaw_mc import LLM, SamplingParams`. Heavy modules (torch, megatron-core) load on
 first use, so the pure-Python parts (scheduler, block manager) import without torch.
 """
+from seesaw_mc import _megatron_jit
 from seesaw_mc.sampling_params import SamplingParams
+
+_megatron_jit.install()
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
