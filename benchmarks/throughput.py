@@ -58,7 +58,8 @@ def result(name: str, reqs, elapsed, extra=None) -> dict:
     if "startup_s" in res:
         res["whole_process_output_tokens_per_second"] = n_out / (res["startup_s"] + elapsed)
         whole = (f"; whole process {res['whole_process_output_tokens_per_second']:.2f} output tokens/s "
-                 f"(start-up {res['startup_s']:.1f} s)")
+                 f"(start-up {res['startup_s']:.1f} s" +
+                 (f", first step at {res['first_step_s']:.1f} s)" if "first_step_s" in res else ")"))
     if rank() != 0:
         return res
     if len(runs) > 1:
@@ -82,14 +83,20 @@ def run_seesaw(args, reqs) -> dict:
               pipeline_depth=args.pipeline_depth)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    # Process start to the first step's token: one request, one token.
+    llm.generate(prompts[:1], [SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)], use_tqdm=False)
+    first_step = args.preamble_s + time.time() - t_enter
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     warm = llm.engine.metrics()
     startup = args.preamble_s + time.time() - t_enter
     elapsed = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=args.tqdm and rank() == 0)
         elapsed.append(time.perf_counter() - t0)
+    # Pages faulted in per run (this rank): fresh activation memory shows here (worker/cpu_memory.py).
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.repeats
     assert [len(o.outputs[0].token_ids) for o in outs] == [r.output_len for r in reqs]
     m = llm.engine.metrics(since=warm)
     trans = m["transitions"]
@@ -104,6 +111,7 @@ def run_seesaw(args, reqs) -> dict:
         "transitions": len(trans), "transition_time_s": sum(t["total_s"] for t in trans),
         "transition_share": sum(t["total_s"] for t in trans) / sum(elapsed), "swap": m["swap"],
         "host_blocks": m["host_blocks"], "device_blocks": m["device_blocks"], "startup_s": startup,
+        "first_step_s": first_step, "page_faults_per_run": faults,
         "token_ids": [list(o.outputs[0].token_ids) for o in outs]})
 
 

@@ -6,6 +6,7 @@ Start-up builds the pieces it drives: the two layouts' shards (worker/reshard.py
 tiers (worker/kv_tiers.py) and the TP all-reduce (parallel/deepspeed_ops.py)."""
 from __future__ import annotations
 
+import logging
 import pickle
 from typing import Dict, List, Optional
 
@@ -23,10 +24,13 @@ from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.parallel.deepspeed_ops import start_tp_allreduce
 from seesaw_mc.parallel.procs import fault_point
 from seesaw_mc.sampling import Sampler
+from seesaw_mc.worker.cpu_memory import keep_freed_memory
 from seesaw_mc.worker.device_cache import allocate_device_kv
 from seesaw_mc.worker.kv_tiers import KVTiers
 from seesaw_mc.worker.node_files import job_files
 from seesaw_mc.worker.reshard import Resharder
+
+log = logging.getLogger("seesaw_mc")
 
 
 def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
@@ -89,6 +93,9 @@ class ModelRunner:
         self.device = mc.default_device()
         self.block_size = config.cache.block_size
         self.rank = dist.get_rank()
+        reuse = keep_freed_memory(self.device.type)
+        if self.rank == 0 and self.device.type == "cpu":
+            log.info("freed activation memory kept in the process (glibc mallopt): %s", reuse)
         # The kernel choice is an RMSNorm's; LayerNorm models (GPT-2) run torch's norm.
         kernels = select_kernels(config.kernels if args.normalization == "RMSNorm" else "torch", self.device, dtype,
                                  args.hidden_size, args.norm_eps, log_once=self.rank == 0)
