@@ -60,22 +60,24 @@ def cases(model, pairs, max_tokens, blocks=24, host_blocks=30):
             for p, d in pairs]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_two_ranks(tiny_models, tmp_path, family):
-    model = tiny_models[family]
+def test_two_ranks(tiny_models, tmp_path):
+    """tp2, pp2, P2->T2 and T2->P2 for Llama and Qwen2 (tied, QKV bias), both in one 2-rank job."""
     pairs = [("tp2", "tp2"), ("pp2", "pp2"), ("pp2", "tp2"), ("tp2", "pp2")]
-    spec = cases(model, pairs, 12)
+    spec = [dict(c, name=f"{family}:{c['name']}")
+            for family in ("llama", "qwen2") for c in cases(tiny_models[family], pairs, 12)]
     for c in spec:  # two steps in flight under pp (the default is 1 on CPU, pp on CUDA)
         c["depth"] = 2
-    res = torchrun(2, {"cases": spec}, tmp_path)
-    check(res, model, 12, {"pp2->tp2", "tp2->pp2"})
-    # The device tier is small too: decode overflows it and swaps sequences back to the host.
-    assert res["pp2->tp2"]["preemptions"] > 0 and res["tp2->pp2"]["preemptions"] > 0
-    # Decode refills the device tier in the background (prefetch) while resident sequences
-    # compute; only the first swap-in of each decode phase is synchronous.
-    for name in ("pp2->tp2", "tp2->pp2"):
-        swap = res[name]["swap"]
-        assert swap["prefetch_blocks"] > 0 and swap["offload_blocks"] > 0, (name, swap)
+    all_res = torchrun(2, {"cases": spec}, tmp_path)
+    for family in ("llama", "qwen2"):
+        res = {k.split(":", 1)[1]: v for k, v in all_res.items() if k.startswith(family + ":")}
+        check(res, tiny_models[family], 12, {"pp2->tp2", "tp2->pp2"})
+        # The device tier is small too: decode overflows it and swaps sequences back to the host.
+        assert res["pp2->tp2"]["preemptions"] > 0 and res["tp2->pp2"]["preemptions"] > 0, family
+        # Decode refills the device tier in the background (prefetch) while resident sequences
+        # compute; only the first swap-in of each decode phase is synchronous.
+        for name in ("pp2->tp2", "tp2->pp2"):
+            swap = res[name]["swap"]
+            assert swap["prefetch_blocks"] > 0 and swap["offload_blocks"] > 0, (family, name, swap)
 
 
 def test_host_tier_size_agreed_across_ranks(tiny_models, tmp_path):
@@ -150,12 +152,14 @@ def test_two_ranks_gpt2_and_qwen3(tiny_models, tmp_path):
 
 
 def test_four_ranks(tiny_models, tmp_path):
-    spec = {"cases": cases(tiny_models["llama"], [("tp2pp2", "tp2pp2"), ("pp4", "tp2pp2")], 12)}
+    """tp2pp2 and P4->T2P2 for Llama and Qwen2, both families in one 4-rank job."""
+    pairs = [("tp2pp2", "tp2pp2"), ("pp4", "tp2pp2")]
+    spec = {"cases": [dict(c, name=f"{family}:{c['name']}")
+                      for family in ("llama", "qwen2") for c in cases(tiny_models[family], pairs, 12)]}
     res = torchrun(4, spec, tmp_path)
-    check(res, tiny_models["llama"], 12, {"pp4->tp2pp2"})
-    spec = {"cases": cases(tiny_models["qwen2"], [("tp2pp2", "tp2pp2"), ("pp4", "tp2pp2")], 12)}
-    res = torchrun(4, spec, tmp_path)
-    check(res, tiny_models["qwen2"], 12, {"pp4->tp2pp2"})
+    for family in ("llama", "qwen2"):
+        mine = {k.split(":", 1)[1]: v for k, v in res.items() if k.startswith(family + ":")}
+        check(mine, tiny_models[family], 12, {"pp4->tp2pp2"})
 
 
 def test_smollm2_p3_to_t3(demo_model, tmp_path):

@@ -54,6 +54,14 @@ inline const float* as_float(const T* src, float* buf, int64_t n) {
 // Scores are taken eight keys at a time and reduced together (hsum8), and their exponentials
 // computed eight at a time (exp_approx): a horizontal sum and a scalar exp per key were most of
 // the compute of a decode step once the keys are in cache.
+// q . k as eight lane sums (reduced by the caller: eight keys at once through hsum8, or one).
+inline v8f dot_lanes(const v8f* q, const float* key, int dv) {
+  const v8f* k = reinterpret_cast<const v8f*>(key);
+  v8f x = q[0] * k[0];
+  for (int i = 1; i < dv; ++i) x += q[i] * k[i];
+  return x;
+}
+
 template <int DVF>
 inline void update(const float* qv, float* a, float& mx, float& sum, const float* const* kf, const float* const* vf,
                    int64_t valid, int dv_rt, float* s) {
@@ -64,20 +72,13 @@ inline void update(const float* qv, float* a, float& mx, float& sum, const float
   int64_t t = 0;
   for (; t + 8 <= valid; t += 8) {
     v8f acc[8];
-    for (int j = 0; j < 8; ++j) {
-      const v8f* k = reinterpret_cast<const v8f*>(kf[t + j]);
-      v8f x = q[0] * k[0];
-      for (int i = 1; i < dv; ++i) x += q[i] * k[i];
-      acc[j] = x;
-    }
+    for (int j = 0; j < 8; ++j) acc[j] = dot_lanes(q, kf[t + j], dv);
     const v8f sc = hsum8(acc);
     std::memcpy(s + t, &sc, sizeof(sc));
     for (int j = 0; j < 8; ++j) bmax = std::max(bmax, sc[j]);
   }
   for (; t < valid; ++t) {
-    const v8f* k = reinterpret_cast<const v8f*>(kf[t]);
-    v8f x = q[0] * k[0];
-    for (int i = 1; i < dv; ++i) x += q[i] * k[i];
+    const v8f x = dot_lanes(q, kf[t], dv);
     float r = 0.f;
     for (int i = 0; i < 8; ++i) r += x[i];
     s[t] = r;
