@@ -119,7 +119,7 @@ class LLMEngine:
             self.watchdog = Watchdog(config.collective_timeout_s)
         # Steps issued whose tokens are not back: up to `depth` of them under pipeline parallelism.
         self._in_flight: Deque[tuple] = deque()
-        self._depth = {name: sc.pipeline_depth or (lay.pp if mc.HAS_CUDA else 1) for name, lay in layouts.items()}
+        self._depth = {name: sc.pipeline_depth or lay.pp for name, lay in layouts.items()}
         self._pp = {name: lay.pp for name, lay in layouts.items()}
         self.scheduler.decode_groups = self._depth["decode"]
         self.plans = PlanBuilder()
@@ -265,6 +265,7 @@ class LLMEngine:
         if self.watchdog:
             self.watchdog.disarm()
         self.runner.broadcast_plan(StepPlan("stop", payload=payload))
+        self.runner.flush()
         return payload
 
     def _make_output(self, req: _Request) -> RequestOutput:

@@ -21,6 +21,34 @@ def logprob_rows(outs):
             for o in outs]
 
 
+def probe_sends(runner):
+    """2 ranks, a pp2 layout among the runner's: rank 0 (leader, stage 0) sends three plans and
+    two 2 MiB activations, then says so through the job's store; rank 1 waits for that word
+    before it receives anything. Were a send to wait for its receive, rank 0 would never say it
+    and rank 1's wait would time out. Rank 0 returns what rank 1 received."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from seesaw_mc.core.step_plan import StepPlan
+
+    store = dist.distributed_c10d._get_default_store()
+    g = next(g for g in runner.groups.values() if g.layout.pp == 2)
+    shape = (2048, 256)
+    if dist.get_rank() == 0:
+        for i in range(3):
+            runner.broadcast_plan(StepPlan("idle", payload=i))
+        for i in range(2):
+            g.send_forward(torch.full(shape, float(i + 1)))
+        store.set("probe/sent", "1")
+        runner.flush()
+        return json.loads(store.get("probe/got"))
+    store.wait(["probe/sent"], timedelta(seconds=120))
+    plans = [runner.broadcast_plan().payload for _ in range(3)]
+    acts = [g.recv_forward(shape).unique().tolist() for _ in range(2)]
+    store.set("probe/got", json.dumps({"plans": plans, "activations": acts}))
+
+
 def main():
     from seesaw_mc import LLM, SamplingParams
 
@@ -55,6 +83,8 @@ def main():
             "shm_allreduce_calls": getattr(llm.engine.runner.shm_allreduce, "calls", 0),
             "host_blocks": llm.engine.runner.num_host_blocks,
         }
+    if spec.get("probe_sends"):
+        results["probe_sends"] = probe_sends(llm.engine.runner)
     if int(os.environ.get("RANK", 0)) == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -244,9 +244,25 @@ class LayoutGroups:
         """Global rank that samples: tp rank 0 of the last stage of this DP replica."""
         return self.layout.tp * (self.layout.pp - 1 + self.layout.pp * self.dp_rank)
 
+    _sends: list = field(default_factory=list)
+    """Forward sends still under way: (megatron-core's request handles, the tensor they send)."""
+
     def send_forward(self, hidden: torch.Tensor) -> None:
+        """Asynchronous: the stage goes on with its next micro-batch (or the next step) while
+        the activations travel; megatron-core's overlap_p2p_comm path hands back the requests."""
+        self._sends = [s for s in self._sends if not all(r.is_completed() for r in s[0])]
         with cpu_device_shim():
-            self.comm.send_forward(hidden, is_last_stage=False)
+            _, reqs = self.comm.send_forward_recv_forward(hidden, recv_prev=False, tensor_shape=None,
+                                                          overlap_p2p_comm=True)
+        reqs = list(reqs.values()) if isinstance(reqs, dict) else list(reqs or [])
+        self._sends.append((reqs, hidden))
+
+    def wait_sends(self) -> None:
+        """Every forward send of this layout delivered (before a layout switch or exit)."""
+        for reqs, _ in self._sends:
+            for r in reqs:
+                r.wait()
+        self._sends = []
 
     def recv_forward(self, shape) -> torch.Tensor:
         with cpu_device_shim():

@@ -225,6 +225,7 @@ class Resharder:
         reads. Collective over the replica. Returns the transition's record, or None when `name`
         shares the active layout's shards."""
         old, self.active = self.active, name
+        self.groups[old].wait_sends()  # the old layout's activations are at the next stage
         if self.models[old] is self.models[name]:
             return None
         t0 = time.perf_counter()

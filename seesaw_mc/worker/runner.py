@@ -58,32 +58,35 @@ class PendingTokens:
         self.sampler = sampler
 
 
-class TokenChannel:
-    """Sampled tokens from the last pipeline stage to the leader, in step order. Sends are
-    asynchronous, so that the sampling stage goes on to the next step at once, and the leader
-    receives a step's tokens only when it needs them (steps in flight)."""
+class ObjectChannel:
+    """Pickled objects from one rank to another over `group`, in order. Sends are
+    asynchronous: the sender goes on at once and keeps each message until it is delivered;
+    the receiver blocks until the next message is here. Two uses: step plans from the leader
+    to the other ranks of its replica, and sampled tokens from the last pipeline stage to the
+    leader. Unlike a broadcast, a stage busy with an earlier step does not hold up the leader:
+    the plan waits for it in the channel (steps in flight)."""
 
-    def __init__(self, leader: int, group):
-        self.leader, self.group = leader, group
+    def __init__(self, group, tag: int):
+        self.group, self.tag = group, tag
         self._sends: List[tuple] = []  # (work, tensor) pairs still being sent
 
-    def send(self, out: Optional[RunnerOutput]) -> None:
-        self.wait_sent()  # at most one step's message in flight
-        data = torch.frombuffer(bytearray(pickle.dumps(out)), dtype=torch.uint8)
+    def send(self, obj, dst: int) -> None:
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         size = torch.tensor([data.numel()], dtype=torch.long)
-        self._sends = [(dist.isend(t, self.leader, group=self.group), t) for t in (size, data)]
+        self._sends += [(dist.isend(t, dst, group=self.group, tag=self.tag), t) for t in (size, data)]
 
     def wait_sent(self) -> None:
         for work, _ in self._sends:
             work.wait()
         self._sends = []
 
-    def receive(self, sampler: int) -> RunnerOutput:
+    def receive(self, src: int):
         size = torch.empty(1, dtype=torch.long)
-        dist.recv(size, sampler, group=self.group)
+        dist.recv(size, src, group=self.group, tag=self.tag)
         data = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.recv(data, sampler, group=self.group)
-        return pickle.loads(data.numpy().tobytes())  # our own rank's message (as send_object_list)
+        dist.recv(data, src, group=self.group, tag=self.tag)
+        return pickle.loads(data.numpy().tobytes())  # from our own job's leader or sampler (as recv_object_list)
 
 
 class ModelRunner:
@@ -114,7 +117,9 @@ class ModelRunner:
             self.kv = KVTiers(config, args, dtype, self.device, self.weights.groups, self.weights.models, num_blocks,
                               buffer, job, mc.local_world_size(dist.get_world_size()))
         self.sampler = Sampler()
-        self._tokens = TokenChannel(self.leader_rank, self.replica_group)
+        self._tokens = ObjectChannel(self.replica_group, tag=2)
+        self._plans = ObjectChannel(self.replica_group, tag=1)
+        self._followers = [r for r in dist.get_process_group_ranks(self.replica_group) if r != self.leader_rank]
 
     # What the engine, the benchmarks and the tests read of a rank.
     @property
@@ -215,7 +220,7 @@ class ModelRunner:
         sampler = g.sampler_rank
         if sampler != self.leader_rank:
             if self.rank == sampler:
-                self._tokens.send(out)
+                self._tokens.send(out, self.leader_rank)
             # The leader takes them later (result()): it may issue the next step first.
             return PendingTokens(sampler) if self.is_leader else None
         return out if self.is_leader else None
@@ -227,8 +232,12 @@ class ModelRunner:
         return pending
 
     def flush(self) -> None:
-        """Sampler: every token message sent (before the worker leaves its loop)."""
+        """Every message and activation this rank sent delivered (before it leaves its loop, or
+        the leader after its last plan)."""
         self._tokens.wait_sent()
+        self._plans.wait_sent()
+        for g in self.groups.values():
+            g.wait_sends()
 
     def _run_microbatches(self, plan, is_prefill, seqs, g, model, results) -> None:
         try:
@@ -250,9 +259,12 @@ class ModelRunner:
             set_attn_metadata(None)
 
     def broadcast_plan(self, plan=None):
-        """Leader -> every rank of the replica."""
+        """Leader -> every rank of the replica, point to point and without waiting (see
+        ObjectChannel); a follower gets the next plan, waiting for it if need be."""
         if self.replica_size == 1:
             return plan
-        box = [plan]
-        dist.broadcast_object_list(box, src=self.leader_rank, group=self.replica_group)
-        return box[0]
+        if not self.is_leader:
+            return self._plans.receive(self.leader_rank)
+        for r in self._followers:
+            self._plans.send(plan, r)
+        return plan
