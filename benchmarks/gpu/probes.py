@@ -45,6 +45,12 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / t
 
 
+def read_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes read per second by a sum over a filled fp32 buffer (a read-only stream)."""
+    a = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    return nbytes / timed(lambda: a.sum(), device, repeat=10, warmup=3)
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
     """Dense n x n x n product rate on random data (zeros run faster: KINDS.md, 894 vs 788)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
