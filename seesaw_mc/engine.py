@@ -194,7 +194,7 @@ class LLMEngine:
         if out.phase is Phase.DECODE and self.scheduler.decode_groups > 1:
             # One group per step: the groups in flight fill the pipeline, not micro-batches.
             plan.num_microbatches = max(1, self._pp["decode"] // self.scheduler.decode_groups)
-        self.runner.broadcast_plan(plan)
+        self.runner.send_plan(plan)
         t0 = time.perf_counter()
         pending = self.runner.execute(plan, out.seqs)
         self._record_step(out, time.perf_counter() - t0)
@@ -233,7 +233,7 @@ class LLMEngine:
         while True:
             if self.watchdog:
                 self.watchdog.beat()
-            plan = self.runner.broadcast_plan()
+            plan = self.runner.send_plan()
             if plan.kind == "idle":
                 continue
             if plan.kind == "stop":
@@ -258,14 +258,14 @@ class LLMEngine:
         working): tell the followers, whose watchdogs and collectives would time out."""
         if self.watchdog:
             self.watchdog.beat()
-        self.runner.broadcast_plan(StepPlan("idle"))
+        self.runner.send_plan(StepPlan("idle"))
 
     def finish_run(self, payload=None):
         """Leader: release the workers from worker_loop, handing them `payload`."""
+        self.runner.send_plan(StepPlan("stop", payload=payload))
+        self.runner.flush()  # with the watchdog armed: a follower that hangs cannot hold us here
         if self.watchdog:
             self.watchdog.disarm()
-        self.runner.broadcast_plan(StepPlan("stop", payload=payload))
-        self.runner.flush()
         return payload
 
     def _make_output(self, req: _Request) -> RequestOutput:

@@ -37,14 +37,14 @@ def probe_sends(runner):
     shape = (2048, 256)
     if dist.get_rank() == 0:
         for i in range(3):
-            runner.broadcast_plan(StepPlan("idle", payload=i))
+            runner.send_plan(StepPlan("idle", payload=i))
         for i in range(2):
             g.send_forward(torch.full(shape, float(i + 1)))
         store.set("probe/sent", "1")
         runner.flush()
         return json.loads(store.get("probe/got"))
     store.wait(["probe/sent"], timedelta(seconds=120))
-    plans = [runner.broadcast_plan().payload for _ in range(3)]
+    plans = [runner.send_plan().payload for _ in range(3)]
     acts = [g.recv_forward(shape).unique().tolist() for _ in range(2)]
     store.set("probe/got", json.dumps({"plans": plans, "activations": acts}))
 

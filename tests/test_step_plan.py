@@ -71,3 +71,24 @@ def test_freed_survive_a_step_with_nothing_to_run():
     assert sorted(plan.freed) == sorted([a.seq_id, b.seq_id])
     mirror.apply(plan)
     assert set(mirror.seqs) == {c.seq_id}
+
+
+def test_pending_sends_are_released_oldest_first():
+    """gloo's Work.is_completed() stays False until wait(), so a sender keeps at most
+    MAX_PENDING_SENDS unwaited and waits on the oldest beyond that (their tensors are freed)."""
+    from seesaw_mc.parallel.megatron_adapter import MAX_PENDING_SENDS, release_sends
+
+    class Work:
+        def __init__(self, i):
+            self.i, self.waited = i, False
+
+        def wait(self):
+            self.waited = True
+
+    works = [Work(i) for i in range(MAX_PENDING_SENDS + 3)]
+    sends = [(w, None) for w in works]
+    release_sends(sends)
+    assert [w.i for w, _ in sends] == list(range(3, MAX_PENDING_SENDS + 3))
+    assert [w.waited for w in works] == [True] * 3 + [False] * MAX_PENDING_SENDS
+    release_sends(sends)  # within the bound: nothing more is waited on
+    assert len(sends) == MAX_PENDING_SENDS and not any(w.waited for w, _ in sends)

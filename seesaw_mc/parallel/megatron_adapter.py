@@ -209,6 +209,22 @@ def stage_layer_range(num_layers: int, pp: int, stage: int) -> Tuple[int, int]:
     return start, start + base + (1 if stage < extra else 0)
 
 
+MAX_PENDING_SENDS = 16
+"""Sends a rank keeps unwaited per channel. Receivers take messages in order and lag their
+sender by at most the steps in flight, so a wait on the oldest beyond this returns at once (or
+after a short back-pressure) and releases its tensor. Completion cannot be polled instead: gloo's
+Work.is_completed() stays False until wait() is called."""
+
+
+def release_sends(sends: list, keep: int = MAX_PENDING_SENDS) -> None:
+    """Wait on the oldest of `sends` ((work, tensor) pairs, oldest first) until `keep` remain."""
+    excess = len(sends) - keep
+    if excess > 0:
+        for work, _ in sends[:excess]:
+            work.wait()
+        del sends[:excess]
+
+
 @dataclass
 class LayoutGroups:
     """One layout's megatron-core process groups and this rank's place in it."""
@@ -244,24 +260,23 @@ class LayoutGroups:
         """Global rank that samples: tp rank 0 of the last stage of this DP replica."""
         return self.layout.tp * (self.layout.pp - 1 + self.layout.pp * self.dp_rank)
 
-    _sends: list = field(default_factory=list)
-    """Forward sends still under way: (megatron-core's request handles, the tensor they send)."""
+    _sends: list = field(default_factory=list, init=False, repr=False, compare=False)
+    """Forward sends not yet waited on: (megatron-core's request, the tensor it sends), oldest first."""
 
     def send_forward(self, hidden: torch.Tensor) -> None:
         """Asynchronous: the stage goes on with its next micro-batch (or the next step) while
         the activations travel; megatron-core's overlap_p2p_comm path hands back the requests."""
-        self._sends = [s for s in self._sends if not all(r.is_completed() for r in s[0])]
         with cpu_device_shim():
             _, reqs = self.comm.send_forward_recv_forward(hidden, recv_prev=False, tensor_shape=None,
                                                           overlap_p2p_comm=True)
         reqs = list(reqs.values()) if isinstance(reqs, dict) else list(reqs or [])
-        self._sends.append((reqs, hidden))
+        self._sends += [(r, hidden) for r in reqs]
+        release_sends(self._sends)
 
     def wait_sends(self) -> None:
         """Every forward send of this layout delivered (before a layout switch or exit)."""
-        for reqs, _ in self._sends:
-            for r in reqs:
-                r.wait()
+        for r, _ in self._sends:
+            r.wait()
         self._sends = []
 
     def recv_forward(self, shape) -> torch.Tensor:

@@ -21,6 +21,7 @@ from seesaw_mc.model.attention import decode_metadata, prefill_metadata, set_att
 from seesaw_mc.model_spec import ModelArgs
 from seesaw_mc.model.kernels import select_kernels
 from seesaw_mc.parallel import megatron_adapter as mc
+from seesaw_mc.parallel.megatron_adapter import release_sends
 from seesaw_mc.parallel.deepspeed_ops import start_tp_allreduce
 from seesaw_mc.parallel.procs import fault_point
 from seesaw_mc.sampling import Sampler
@@ -68,13 +69,13 @@ class ObjectChannel:
 
     def __init__(self, group, tag: int):
         self.group, self.tag = group, tag
-        self._sends: List[tuple] = []  # (work, tensor) pairs still being sent
+        self._sends: List[tuple] = []  # (work, tensor) pairs, oldest first
 
     def send(self, obj, dst: int) -> None:
-        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         size = torch.tensor([data.numel()], dtype=torch.long)
         self._sends += [(dist.isend(t, dst, group=self.group, tag=self.tag), t) for t in (size, data)]
+        release_sends(self._sends)
 
     def wait_sent(self) -> None:
         for work, _ in self._sends:
@@ -258,7 +259,7 @@ class ModelRunner:
         finally:
             set_attn_metadata(None)
 
-    def broadcast_plan(self, plan=None):
+    def send_plan(self, plan=None):
         """Leader -> every rank of the replica, point to point and without waiting (see
         ObjectChannel); a follower gets the next plan, waiting for it if need be."""
         if self.replica_size == 1:
