@@ -233,7 +233,7 @@ class LLMEngine:
         while True:
             if self.watchdog:
                 self.watchdog.beat()
-            plan = self.runner.send_plan()
+            plan = self.runner.receive_plan()
             if plan.kind == "idle":
                 continue
             if plan.kind == "stop":

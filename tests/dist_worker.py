@@ -44,7 +44,7 @@ def probe_sends(runner):
         runner.flush()
         return json.loads(store.get("probe/got"))
     store.wait(["probe/sent"], timedelta(seconds=120))
-    plans = [runner.send_plan().payload for _ in range(3)]
+    plans = [runner.receive_plan().payload for _ in range(3)]
     acts = [g.recv_forward(shape).unique().tolist() for _ in range(2)]
     store.set("probe/got", json.dumps({"plans": plans, "activations": acts}))
 

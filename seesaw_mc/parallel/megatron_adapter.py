@@ -275,9 +275,7 @@ class LayoutGroups:
 
     def wait_sends(self) -> None:
         """Every forward send of this layout delivered (before a layout switch or exit)."""
-        for r, _ in self._sends:
-            r.wait()
-        self._sends = []
+        release_sends(self._sends, keep=0)
 
     def recv_forward(self, shape) -> torch.Tensor:
         with cpu_device_shim():

@@ -78,9 +78,7 @@ class ObjectChannel:
         release_sends(self._sends)
 
     def wait_sent(self) -> None:
-        for work, _ in self._sends:
-            work.wait()
-        self._sends = []
+        release_sends(self._sends, keep=0)
 
     def receive(self, src: int):
         size = torch.empty(1, dtype=torch.long)
@@ -111,7 +109,6 @@ class ModelRunner:
             self.replica_group = first.control_mp  # plans and sampled tokens: control traffic
             self.leader_rank = first.dp_rank * first.layout.tp * first.layout.pp
             self.is_leader = self.rank == self.leader_rank
-            self.replica_size = first.layout.tp * first.layout.pp
             # Weights first: on CUDA the KV budget is what is free once they are loaded.
             num_blocks, buffer = allocate_device_kv(config, args, self.weights.groups, dtype, self.device,
                                                     max_model_len, self.weights.resident_bytes())
@@ -259,13 +256,12 @@ class ModelRunner:
         finally:
             set_attn_metadata(None)
 
-    def send_plan(self, plan=None):
-        """Leader -> every rank of the replica, point to point and without waiting (see
-        ObjectChannel); a follower gets the next plan, waiting for it if need be."""
-        if self.replica_size == 1:
-            return plan
-        if not self.is_leader:
-            return self._plans.receive(self.leader_rank)
+    def send_plan(self, plan) -> None:
+        """Leader -> every other rank of the replica, point to point and without waiting (see
+        ObjectChannel)."""
         for r in self._followers:
             self._plans.send(plan, r)
-        return plan
+
+    def receive_plan(self):
+        """Follower: the leader's next plan, waiting for it if need be."""
+        return self._plans.receive(self.leader_rank)
