@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seesaw_mc.worker.host_tier import HostKVBuffer, Stager, block_runs
-from seesaw_mc.worker.device_cache import KVCacheViews
+from seesaw_mc.worker.device_cache import DeviceKVBuffer
 
 
 def make(tmp_path, name):
@@ -12,19 +12,27 @@ def make(tmp_path, name):
     return HostKVBuffer.open(str(tmp_path / name), shape, torch.float32, 0, create=True)
 
 
-def device_views(layers=2, blocks=10, heads=2, seed=0):
+def device_views(layers=2, blocks=10, heads=2, seed=0, head_major=False):
+    """The engine's device views (DeviceKVBuffer.views), filled with the same numbers in either
+    block layout."""
     g = torch.Generator().manual_seed(seed)
-    return KVCacheViews([(torch.randn(blocks, 4, heads, 8, generator=g), torch.randn(blocks, 4, heads, 8, generator=g))
-                         for _ in range(layers)], heads)
+    views = DeviceKVBuffer(layers * 2 * blocks * 4 * heads * 8 * 4, torch.device("cpu")).views(
+        layers, blocks, 4, heads, 8, torch.float32, head_major=head_major)
+    for k, v in views.layers:
+        k.copy_(torch.randn(blocks, 4, heads, 8, generator=g))
+        v.copy_(torch.randn(blocks, 4, heads, 8, generator=g))
+    return views
 
 
 def test_block_runs():
     assert block_runs([(3, 7), (1, 5), (2, 6), (9, 0)]) == [(1, 5, 3), (9, 0, 1)]
 
 
-def test_staged_copies_equal_direct_copies(tmp_path):
+@pytest.mark.parametrize("head_major", [True, False])
+def test_staged_copies_equal_direct_copies(tmp_path, head_major):
     pairs = [(1, 5), (2, 6), (3, 7), (8, 0), (9, 11)]
-    src = device_views()
+    src = device_views(head_major=head_major)
+    assert src.layers[0][0].is_contiguous() != head_major
     direct, staged = make(tmp_path, "a"), make(tmp_path, "b")
     # A staging buffer of 3 blocks splits the 3-block run and exercises the piecewise path.
     stager = Stager(torch.device("cpu"), torch.float32, staging_bytes=3 * 4 * 2 * 8 * 4)
@@ -37,7 +45,8 @@ def test_staged_copies_equal_direct_copies(tmp_path):
         for j, dev in enumerate((k, v)):
             for d, h in pairs:
                 assert torch.equal(direct.t[1 + i, j, 2:4, h], dev[d].permute(1, 0, 2))
-    back_direct, back_staged = device_views(seed=1), device_views(seed=1)
+    # Back into the other block layout: the host tier is the same for both.
+    back_direct, back_staged = device_views(seed=1, head_major=not head_major), device_views(seed=1)
     direct.copy_in(back_direct, 1, 2, pairs)
     staged.copy_in(back_staged, 1, 2, pairs, stager=stager)
     for (k1, v1), (k2, v2), (k0, v0) in zip(back_direct.layers, back_staged.layers, src.layers):

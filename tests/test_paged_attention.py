@@ -25,10 +25,13 @@ def automatic_backend():
     A.set_attn_metadata(None)
 
 
-def make_cache(num_blocks, kv_heads, dim, dtype=torch.float32, seed=0):
+def make_cache(num_blocks, kv_heads, dim, dtype=torch.float32, seed=0, head_major=False):
+    """k, v indexed [block, offset, head, dim]; `head_major`: each block [head, offset, dim] in
+    memory, as the engine's CPU cache is (DeviceKVBuffer.views)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_blocks, BS, kv_heads, dim, generator=g).to(dtype),
-            torch.randn(num_blocks, BS, kv_heads, dim, generator=g).to(dtype))
+    inner = (kv_heads, BS, dim) if head_major else (BS, kv_heads, dim)
+    k, v = (torch.randn(num_blocks, *inner, generator=g).to(dtype) for _ in range(2))
+    return (k.transpose(1, 2), v.transpose(1, 2)) if head_major else (k, v)
 
 
 def shuffled_tables(lens, num_blocks, seed=0):
@@ -61,7 +64,7 @@ def run_step(backend, meta, q, k_new, v_new, k_cache, v_cache, scale):
     """The layer's call: write this step's K/V, attend. "flex" runs eagerly on CPU, compiled on CUDA."""
     A.set_attn_metadata(meta)
     if backend == "flex":
-        A.write_kv(k_cache, v_cache, k_new, v_new, meta.slot_mapping)
+        A.write_kv(k_cache, v_cache, k_new, v_new, meta)
         return paged_flex.paged_attention(q, k_cache, v_cache, meta, scale, compiled=q.device.type == "cuda")
     A.set_attention_backend(backend)
     return A.paged_attention(q, k_new, v_new, k_cache, v_cache, scale)
@@ -72,15 +75,16 @@ def new_tokens(n, heads, kv_heads, dim, dtype=torch.float32, seed=1):
     return [torch.randn(n, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads)]
 
 
-BACKENDS = ["op", "sdpa", "flex"]
+# (backend, head-major blocks): flex reads token-major blocks only, the others either.
+LAYOUTS = [("op", True), ("op", False), ("sdpa", True), ("sdpa", False), ("flex", False)]
 # Lengths at block boundaries (15, 16, 17, 32, 33), a single token, and longer ones.
 LENS = [1, 15, 16, 17, 32, 33, 100, 250]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,head_major", LAYOUTS)
 @pytest.mark.parametrize("heads,kv_heads,dim", [(8, 4, 64), (6, 2, 128), (4, 4, 32)])
-def test_decode_matches_gathered_sdpa(backend, heads, kv_heads, dim):
-    k_cache, v_cache = make_cache(64, kv_heads, dim)
+def test_decode_matches_gathered_sdpa(backend, head_major, heads, kv_heads, dim):
+    k_cache, v_cache = make_cache(64, kv_heads, dim, head_major=head_major)
     tables = shuffled_tables(LENS, 64)
     q, k, v = new_tokens(len(LENS), heads, kv_heads, dim)
     meta = A.decode_metadata(tables, LENS, BS, "cpu")
@@ -89,15 +93,15 @@ def test_decode_matches_gathered_sdpa(backend, heads, kv_heads, dim):
     assert (out - ref).abs().max().item() < FP32_BOUND
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,head_major", LAYOUTS)
 @pytest.mark.parametrize("cached", [False, True])
-def test_prefill_matches_gathered_sdpa(backend, cached):
+def test_prefill_matches_gathered_sdpa(backend, head_major, cached):
     """Packed prompts, short (the op's one call) and long (SDPA's loop); with a cached prefix,
     each sequence's first tokens are already in its blocks and only the rest are queries."""
     prompt = [3, 16, 17, 40, 64, 65, 130]
     num_cached = [0, 5, 16, 1, 31, 64, 70] if cached else [0] * len(prompt)
     query_lens = [p - c for p, c in zip(prompt, num_cached)]
-    k_cache, v_cache = make_cache(48, 4, 64)
+    k_cache, v_cache = make_cache(48, 4, 64, head_major=head_major)
     tables = shuffled_tables(prompt, 48, seed=3)
     q, k, v = new_tokens(sum(query_lens), 8, 4, 64)
     meta = A.prefill_metadata(tables, query_lens, num_cached, BS, "cpu")
@@ -105,6 +109,29 @@ def test_prefill_matches_gathered_sdpa(backend, cached):
     out = run_step(backend, meta, q, k, v, k_cache, v_cache, 0.125)
     ref = reference(q, k_cache, v_cache, tables, query_lens, prompt, 0.125)
     assert (out - ref).abs().max().item() < FP32_BOUND
+
+
+@pytest.mark.parametrize("head_major", [True, False])
+def test_write_kv_lands_in_its_slot(head_major):
+    """Each token's K/V is found at [block, offset] of its slot, in either layout, and nothing
+    else changes."""
+    k_cache, v_cache = make_cache(6, 2, 8, head_major=head_major)
+    before = k_cache.clone(), v_cache.clone()
+    meta = A.prefill_metadata([[4, 1], [3]], [3, 2], [14, 0], BS, "cpu")  # slots 4:14, 4:15, 1:0; 3:0, 3:1
+    k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    A.write_kv(k_cache, v_cache, k, v, meta)
+    where = [(4, 14), (4, 15), (1, 0), (3, 0), (3, 1)]
+    for i, (b, o) in enumerate(where):
+        assert torch.equal(k_cache[b, o], k[i]) and torch.equal(v_cache[b, o], v[i])
+        before[0][b, o], before[1][b, o] = k[i], v[i]
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+def test_flex_refuses_head_major_blocks():
+    k_cache, v_cache = make_cache(8, 2, 8, head_major=True)
+    meta = A.decode_metadata([[1]], [3], BS, "cpu")
+    with pytest.raises(ValueError, match="FlexAttention reads token-major KV blocks"):
+        paged_flex.paged_attention(torch.randn(1, 4, 8), k_cache, v_cache, meta, 0.3, compiled=False)
 
 
 def test_prefill_positions_and_slots_follow_the_prefix():
@@ -118,7 +145,7 @@ def test_prefill_positions_and_slots_follow_the_prefix():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_op_low_precision_accumulates_in_fp32(dtype):
-    k_cache, v_cache = make_cache(40, 4, 64, dtype)
+    k_cache, v_cache = make_cache(40, 4, 64, dtype, head_major=True)
     tables = shuffled_tables(LENS, 40)
     q, k, v = new_tokens(len(LENS), 8, 4, 64, dtype)
     meta = A.decode_metadata(tables, LENS, BS, "cpu")

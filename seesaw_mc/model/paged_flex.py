@@ -134,6 +134,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     compiled: Optional[bool] = None) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D], reading K/V in place through the step's BlockMask."""
     nb, bs, hkv, d = k_cache.shape
+    if k_cache.stride(1) != hkv * d or v_cache.stride(1) != hkv * d:
+        raise ValueError("FlexAttention reads token-major KV blocks; this cache is head-major")
     compiled = q.device.type == "cuda" if compiled is None else compiled
     mask = build_block_mask(meta, nb)
     k = k_cache.view(1, nb * bs, hkv, d).transpose(1, 2)

@@ -53,8 +53,9 @@ def device_kv_budget(cache_cfg, device: torch.device, shard_bytes: float = 0.0, 
 
 @dataclass
 class KVCacheViews:
-    """One layout's view of a rank's KV buffer: per local layer (k, v), each
-    [num_blocks, block_size, kv_heads, head_dim]."""
+    """One layout's view of a rank's KV buffer: per local layer (k, v), each indexed
+    [num_blocks, block_size, kv_heads, head_dim] whatever the layout in memory (see
+    `DeviceKVBuffer.views`)."""
 
     layers: List[Tuple[torch.Tensor, torch.Tensor]]
     num_kv_heads: int
@@ -75,10 +76,19 @@ class DeviceKVBuffer:
             self.buf = torch.zeros(max(nbytes, 1), dtype=torch.uint8, device=device)
 
     def views(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-              dtype: torch.dtype) -> KVCacheViews:
-        shape = (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
+              dtype: torch.dtype, head_major: bool = False) -> KVCacheViews:
+        """Per layer (k, v), indexed [block, offset, head, dim]. In memory a block is either
+        token-major ([block_size, kv_heads, head_dim], so that a flat slot index reaches a token:
+        what FlexAttention needs) or, with `head_major`, [kv_heads, block_size, head_dim]: each
+        (block, head) tile of K or V is one contiguous run, which the CPU op reads 1.5x faster
+        (see model/attention.py) and which the host tier (heads outermost) copies in runs of a
+        tile instead of one head_dim row."""
+        inner = (kv_heads, block_size, head_dim) if head_major else (block_size, kv_heads, head_dim)
+        shape = (num_layers, 2, num_blocks) + inner
         n = math.prod(shape) * dtype.itemsize
         cache = self.buf[:n].view(dtype).view(shape)
+        if head_major:
+            cache = cache.transpose(3, 4)
         return KVCacheViews([(cache[i, 0], cache[i, 1]) for i in range(num_layers)], kv_heads)
 
 

@@ -82,10 +82,9 @@ class HostKVBuffer:
         for (d0, h0, n) in block_runs(pairs):
             for i, (k, v) in enumerate(views.layers):
                 for j, dev in enumerate((k, v)):
-                    # [n, bs, h, d] -> [h, n, bs, d]: heads outermost on the host (HND).
-                    # NOTE: this transposition runs at ~1/2-1/3 of memcpy speed on CPU; a
-                    # head-major device cache would avoid it but makes decode's block gather
-                    # 3x slower (measured), and decode steps far outnumber swaps.
+                    # [n, bs, h, d] -> [h, n, bs, d]: heads outermost on the host (HND). From
+                    # head-major device blocks (CPU) this copies whole (block, head) tiles; from
+                    # token-major ones (CUDA) one head_dim row at a time.
                     dst = self.t[layer_start + i, j, head_start:head_start + h, h0:h0 + n]
                     if stager is None:
                         dst.copy_(dev[d0:d0 + n].permute(2, 0, 1, 3))

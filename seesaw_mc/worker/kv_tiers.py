@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from seesaw_mc.model.attention import kv_head_major
 from seesaw_mc.worker.device_cache import DeviceKVBuffer, KVCacheViews, min_over_ranks
 from seesaw_mc.worker.host_tier import HostKVBuffer, Stager, num_host_blocks
 from seesaw_mc.worker.node_files import node_shared, require_shm, shm_free_bytes
@@ -28,9 +29,10 @@ class KVTiers:
         self.num_blocks = num_blocks
         self.buffer = buffer
         self.views: Dict[str, KVCacheViews] = {}
+        head_major = kv_head_major(device, args.head_dim)
         for name, g in groups.items():
             views = buffer.views(g.layer_end - g.layer_start, num_blocks, config.cache.block_size,
-                                 args.num_kv_heads // g.layout.tp, args.head_dim, dtype)
+                                 args.num_kv_heads // g.layout.tp, args.head_dim, dtype, head_major)
             self.views[name] = views
             for layer, kv in zip(models[name].decoder.layers, views.layers):
                 layer.self_attention.kv_cache = kv

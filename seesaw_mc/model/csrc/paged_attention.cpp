@@ -237,7 +237,8 @@ void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, 
 
 }  // namespace
 
-// q [T, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D]; block_tables [S, max_blocks] int32;
+// q [T, H, D]; k_cache, v_cache [num_blocks, block_size, H_kv, D] with any strides but a contiguous D
+// (the engine's are head-major per block: [num_blocks, H_kv, block_size, D] in memory); block_tables [S, max_blocks] int32;
 // cu_q [S + 1] int32; context_lens [S] int32 (cached tokens + this step's). Returns [T, H, D].
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& cu_q, const at::Tensor& context_lens,
