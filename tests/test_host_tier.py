@@ -3,16 +3,16 @@ run here on CPU) must put exactly the same bytes in the same places."""
 import pytest
 import torch
 
-from seesaw_mc.worker.host_tier import HostKVBuffer, Stager, block_runs
+from seesaw_mc.worker.host_tier import SHORT_RUN, HostKVBuffer, Stager, block_runs, split_runs
 from seesaw_mc.worker.device_cache import DeviceKVBuffer
 
 
 def make(tmp_path, name):
-    shape = HostKVBuffer.shape(1, 3, 4, 12, 4, 8)  # dp, layers, kv heads, host blocks, block size, head_dim
+    shape = HostKVBuffer.shape(1, 3, 4, 24, 4, 8)  # dp, layers, kv heads, host blocks, block size, head_dim
     return HostKVBuffer.open(str(tmp_path / name), shape, torch.float32, 0, create=True)
 
 
-def device_views(layers=2, blocks=10, heads=2, seed=0, head_major=False):
+def device_views(layers=2, blocks=20, heads=2, seed=0, head_major=False):
     """The engine's device views (DeviceKVBuffer.views), filled with the same numbers in either
     block layout."""
     g = torch.Generator().manual_seed(seed)
@@ -28,9 +28,20 @@ def test_block_runs():
     assert block_runs([(3, 7), (1, 5), (2, 6), (9, 0)]) == [(1, 5, 3), (9, 0, 1)]
 
 
+def test_short_runs_are_copied_by_index():
+    """Runs of SHORT_RUN blocks or more are copied one by one, the rest together by index."""
+    long = [(20 + i, 40 + i) for i in range(SHORT_RUN)]
+    runs, dev_ids, host_ids = split_runs([(3, 7), (1, 5), (9, 0)] + long, by_index=True)
+    assert runs == [(20, 40, SHORT_RUN)]
+    assert dev_ids.tolist() == [1, 3, 9] and host_ids.tolist() == [5, 7, 0]
+    assert split_runs([(3, 7)] + long, by_index=True) == (block_runs([(3, 7)] + long), None, None)
+    assert split_runs([(3, 7), (9, 0)], by_index=False)[1:] == (None, None)
+
+
 @pytest.mark.parametrize("head_major", [True, False])
 def test_staged_copies_equal_direct_copies(tmp_path, head_major):
-    pairs = [(1, 5), (2, 6), (3, 7), (8, 0), (9, 11)]
+    # Short runs (copied by index on CPU) and one long run (copied as a slice).
+    pairs = [(1, 5), (2, 6), (3, 7), (8, 0), (9, 11)] + [(10 + i, 14 + i) for i in range(SHORT_RUN + 1)]
     src = device_views(head_major=head_major)
     assert src.layers[0][0].is_contiguous() != head_major
     direct, staged = make(tmp_path, "a"), make(tmp_path, "b")
@@ -49,10 +60,13 @@ def test_staged_copies_equal_direct_copies(tmp_path, head_major):
     back_direct, back_staged = device_views(seed=1, head_major=not head_major), device_views(seed=1)
     direct.copy_in(back_direct, 1, 2, pairs)
     staged.copy_in(back_staged, 1, 2, pairs, stager=stager)
-    for (k1, v1), (k2, v2), (k0, v0) in zip(back_direct.layers, back_staged.layers, src.layers):
+    untouched = sorted(set(range(20)) - {d for d, _ in pairs})
+    for (k1, v1), (k2, v2), (k0, v0), (kb, vb) in zip(back_direct.layers, back_staged.layers, src.layers,
+                                                      device_views(seed=1).layers):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
         for d, _ in pairs:
             assert torch.equal(k1[d], k0[d]) and torch.equal(v1[d], v0[d])
+        assert torch.equal(k1[untouched], kb[untouched]) and torch.equal(v1[untouched], vb[untouched])
 
 
 def test_released_host_blocks_give_their_pages_back(tmp_path):

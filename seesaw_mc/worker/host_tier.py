@@ -79,33 +79,39 @@ class HostKVBuffer:
     def copy_out(self, views: KVCacheViews, layer_start: int, head_start: int, pairs, stager=None) -> None:
         """Device -> host for (device_block, host_block) pairs: this rank's layers and heads."""
         h = views.num_kv_heads
-        for (d0, h0, n) in block_runs(pairs):
-            for i, (k, v) in enumerate(views.layers):
-                for j, dev in enumerate((k, v)):
+        runs, dev_ids, host_ids = split_runs(pairs, stager is None and _on_cpu(views))
+        for i, (k, v) in enumerate(views.layers):
+            for j, dev in enumerate((k, v)):
+                host = self.t[layer_start + i, j, head_start:head_start + h]  # [h, host blocks, bs, d]
+                for (d0, h0, n) in runs:
                     # [n, bs, h, d] -> [h, n, bs, d]: heads outermost on the host (HND). From
                     # head-major device blocks (CPU) this copies whole (block, head) tiles; from
                     # token-major ones (CUDA) one head_dim row at a time.
-                    dst = self.t[layer_start + i, j, head_start:head_start + h, h0:h0 + n]
                     if stager is None:
-                        dst.copy_(dev[d0:d0 + n].permute(2, 0, 1, 3))
+                        host[:, h0:h0 + n].copy_(dev[d0:d0 + n].permute(2, 0, 1, 3))
                     else:
-                        stager.to_host(dst, dev, d0, n)
-                    self.bytes_out += n * dev[0].numel() * dev.element_size()
+                        stager.to_host(host[:, h0:h0 + n], dev, d0, n)
+                if dev_ids is not None:
+                    host.index_copy_(1, host_ids, dev.permute(0, 2, 1, 3).index_select(0, dev_ids).transpose(0, 1))
+                self.bytes_out += len(pairs) * dev[0].numel() * dev.element_size()
         if stager is not None:
             stager.finish()
 
     def copy_in(self, views: KVCacheViews, layer_start: int, head_start: int, pairs, stager=None) -> None:
         """Host -> device for (device_block, host_block) pairs: this rank's layers and heads."""
         h = views.num_kv_heads
-        for (d0, h0, n) in block_runs(pairs):
-            for i, (k, v) in enumerate(views.layers):
-                for j, dev in enumerate((k, v)):
-                    src = self.t[layer_start + i, j, head_start:head_start + h, h0:h0 + n]
+        runs, dev_ids, host_ids = split_runs(pairs, stager is None and _on_cpu(views))
+        for i, (k, v) in enumerate(views.layers):
+            for j, dev in enumerate((k, v)):
+                host = self.t[layer_start + i, j, head_start:head_start + h]
+                for (d0, h0, n) in runs:
                     if stager is None:
-                        dev[d0:d0 + n].copy_(src.permute(1, 2, 0, 3))
+                        dev[d0:d0 + n].copy_(host[:, h0:h0 + n].permute(1, 2, 0, 3))
                     else:
-                        stager.to_device(dev, d0, n, src)
-                    self.bytes_in += n * dev[0].numel() * dev.element_size()
+                        stager.to_device(dev, d0, n, host[:, h0:h0 + n])
+                if dev_ids is not None:
+                    dev.permute(0, 2, 1, 3).index_copy_(0, dev_ids, host.index_select(1, host_ids).transpose(0, 1))
+                self.bytes_in += len(pairs) * dev[0].numel() * dev.element_size()
         if stager is not None:
             stager.finish()
 
@@ -221,3 +227,27 @@ def block_runs(pairs) -> List[Tuple[int, int, int]]:
         else:
             runs.append([d, h, 1])
     return [tuple(r) for r in runs]
+
+
+def _on_cpu(views: KVCacheViews) -> bool:
+    return all(k.device.type == "cpu" for k, _ in views.layers)
+
+
+SHORT_RUN = 6
+"""Runs shorter than this many blocks are copied together, by index, not one copy each. Measured
+(CPU, 1 thread, 8 layers x K|V, 2 heads, 8 KiB per block and layer): a strided copy per run costs
+about 27 us plus 1.9 us a block, gathering and scattering by index 6.4 us a block; 1,000 scattered
+blocks took 459 ms one run at a time, 103 ms by index."""
+
+
+def split_runs(pairs, by_index: bool):
+    """(runs to copy one by one, device ids, host ids to copy by index, or None and None)."""
+    runs = block_runs(pairs)
+    if not by_index:
+        return runs, None, None
+    short = [r for r in runs if r[2] < SHORT_RUN]
+    if len(short) < 2:
+        return runs, None, None
+    dev_ids = torch.tensor([d + k for d, _, n in short for k in range(n)])
+    host_ids = torch.tensor([h + k for _, h, n in short for k in range(n)])
+    return [r for r in runs if r[2] >= SHORT_RUN], dev_ids, host_ids
