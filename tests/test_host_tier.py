@@ -45,12 +45,13 @@ def test_staged_copies_equal_direct_copies(tmp_path, head_major):
     src = device_views(head_major=head_major)
     assert src.layers[0][0].is_contiguous() != head_major
     direct, staged = make(tmp_path, "a"), make(tmp_path, "b")
-    # A staging buffer of 3 blocks splits the 3-block run and exercises the piecewise path.
+    # A staging buffer of 3 blocks splits the 7-block run (3 + 3 + 1): the piecewise path.
     stager = Stager(torch.device("cpu"), torch.float32, staging_bytes=3 * 4 * 2 * 8 * 4)
     direct.copy_out(src, 1, 2, pairs)
     staged.copy_out(src, 1, 2, pairs, stager=stager)
     assert torch.equal(direct.t, staged.t) and direct.t.abs().sum() > 0
-    assert direct.bytes_out == staged.bytes_out
+    per_block = 2 * 4 * 8 * 4  # this rank's 2 heads x 4 tokens x head_dim 8, fp32
+    assert direct.bytes_out == staged.bytes_out == len(pairs) * 2 * 2 * per_block  # 2 layers, K|V
     # Layers 1..2, heads 2..3 of the host tier hold exactly the device blocks, head-major.
     for i, (k, v) in enumerate(src.layers):
         for j, dev in enumerate((k, v)):
@@ -60,6 +61,7 @@ def test_staged_copies_equal_direct_copies(tmp_path, head_major):
     back_direct, back_staged = device_views(seed=1, head_major=not head_major), device_views(seed=1)
     direct.copy_in(back_direct, 1, 2, pairs)
     staged.copy_in(back_staged, 1, 2, pairs, stager=stager)
+    assert direct.bytes_in == staged.bytes_in == len(pairs) * 2 * 2 * per_block
     untouched = sorted(set(range(20)) - {d for d, _ in pairs})
     for (k1, v1), (k2, v2), (k0, v0), (kb, vb) in zip(back_direct.layers, back_staged.layers, src.layers,
                                                       device_views(seed=1).layers):

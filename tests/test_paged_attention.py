@@ -237,15 +237,21 @@ def default_init_llama(tmp_path_factory):
 
 
 def test_default_init_model_logprobs_match_hf(default_init_llama):
-    """Greedy with logprobs through the engine (the op on this host), then HF teacher-forced on
-    the same tokens: every sampled token's logprob agrees and is HF's maximum."""
+    """Greedy with logprobs through the engine (the op on this host, over head-major KV blocks),
+    then HF teacher-forced on the same tokens: every sampled token's logprob agrees and is HF's
+    maximum."""
     from transformers import AutoModelForCausalLM
 
     from seesaw_mc import LLM, SamplingParams
 
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (5, 16, 17, 40, 70)]
-    outs = LLM(default_init_llama, dtype="float32").generate(
+    llm = LLM(default_init_llama, dtype="float32")
+    k_cache = llm.engine.runner.kv_views["prefill"].layers[0][0]
+    if paged_attn_ext.load_op()[0] is not None:  # the op reads head-major blocks: the CPU cache is so
+        assert A.kv_head_major(k_cache.device, 16)
+        assert k_cache.shape[1:] == (BS, 4, 16) and k_cache.stride()[1:] == (16, BS * 16, 1)  # head_dim 16
+    outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0), use_tqdm=False)
     hf = AutoModelForCausalLM.from_pretrained(default_init_llama, dtype=torch.float32).eval()

@@ -29,12 +29,12 @@ Kernels, chosen once per process (`attention_backend`) and logged once:
         2        64     300-890    28953         13142   2.2x
     (all 24 cases: 2.1x-5.9x). Decode is memory-bound: the op reads each K/V byte once, where
     the gather read it, wrote a copy, and SDPA read the copy. The table is for token-major
-    blocks. Head-major blocks, where a (block, head) tile of K or V is one contiguous 4 KiB
-    run, are faster still: 64 sequences x 160 tokens, 8 q / 4 kv heads, head_dim 64, 2 threads,
-    1.41-1.55 ms per layer against 2.10-2.48 ms token-major (13.5-14.9 against 8.4-10.0 GB/s),
-    identical output. Heads outermost in the whole cache ([kv_heads, num_blocks, ...]) measured
-    1.93-2.26 ms: a sequence's heads then lie far apart. So the CPU cache is head-major per
-    block.
+    blocks. Head-major blocks, where a (block, head) tile of K or V is one contiguous run
+    (4 KiB here), are faster still: 64 sequences x 160 tokens, 8 q / 4 kv heads, head_dim 64,
+    2 threads, 1.41-1.55 ms per layer against 2.10-2.48 ms token-major (13.5-14.9 against
+    8.4-10.0 GB/s), identical output; 64 x 150-445 tokens, 3.85 against 5.80 ms. Heads
+    outermost in the whole cache ([kv_heads, num_blocks, ...]) measured 1.93-2.26 ms: a
+    sequence's heads then lie far apart. So the CPU cache is head-major per block.
     FlexAttention on CPU was measured and rejected: inductor's C++ flex template took 15.6 s
     to compile the first shape and 11 s again for the next batch size (dynamic=True emits C++
     that does not compile in torch 2.13: undeclared cur_kvSplitSize), so start-up would blow

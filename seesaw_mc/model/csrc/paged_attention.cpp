@@ -110,9 +110,10 @@ inline void update(const float* qv, float* a, float& mx, float& sum, const float
   for (int i = 0; i < dv; ++i) av[i] = r[i];
 }
 
-// Ask for the next block's keys and values of one head while this block is computed: a block's
-// rows of one head are D values every s_token apart, too short a run for the hardware prefetcher
-// to see before the block is done, and decode waited on each.
+// Ask for the next block's keys and values of one head while this block is computed: the next
+// block lies anywhere in the cache, and in a token-major block a head's rows are also D values
+// every s_token apart, too short a run for the hardware prefetcher to see before the block is
+// done; decode waited on each. (In the CPU engine's head-major blocks the rows are one run.)
 template <typename T>
 inline void prefetch_rows(const T* k_cache, const T* v_cache, int64_t off, const Geometry& g) {
   const int64_t per_line = 64 / sizeof(T);
