@@ -149,6 +149,19 @@ def _close_distributed() -> None:
     dist.destroy_process_group()
 
 
+def _close_after_error() -> None:
+    """A failed one-process command (convert, a 1-rank generate) still holds its world of one:
+    tear it down as on success, or gloo's threads may abort the exit (SIGABRT, seen once after
+    a corrupt checkpoint's one-line error). Ranks of a larger world skip it: their peers may be
+    gone."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the error being reported matters more
+        pass
+
+
 def relaunch(nproc: int, argv) -> int:
     """Start `nproc` ranks of this same command through torch's elastic launcher."""
     import uuid
@@ -216,6 +229,7 @@ def main(argv=None) -> int:
         if debug:
             raise
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        _close_after_error()
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -234,4 +248,5 @@ def main(argv=None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"{PROG}: internal error: {type(e).__name__}: {msg} (rerun with SEESAW_DEBUG=1 for the traceback)",
               file=sys.stderr)
+        _close_after_error()
         return 1
