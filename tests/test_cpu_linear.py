@@ -1,6 +1,7 @@
-"""Linear layers through oneDNN with packed weights (model/cpu_linear.py): the same numbers as
-torch's matmul within fp32 rounding, packed only while their layout's weights are loaded, and
-the engine's greedy tokens still equal HF's with either path."""
+"""Linear layers through oneDNN with packed weights (model/cpu_linear.py), and up to SKINNY_ROWS
+rows through the extension's skinny_linear: the same numbers as torch's matmul within fp32
+rounding, rows that do not depend on the batch, packed only while their layout's weights are
+loaded, and the engine's greedy tokens still equal HF's with either path."""
 import logging
 
 import pytest
@@ -15,15 +16,69 @@ pytestmark = pytest.mark.skipif(cpu_linear._unavailable("auto", torch.device("cp
                                 reason="this torch cannot pack fp32 linears for oneDNN")
 
 
+def _skinny():
+    op, why = cpu_linear.skinny_linear_op()
+    if op is None:
+        pytest.skip(f"skinny_linear unavailable: {why}")
+    return op
+
+
 def test_packed_matches_matmul_and_rows_do_not_depend_on_the_batch():
     torch.manual_seed(0)
     w, b = torch.randn(300, 64), torch.randn(300)
     impl = cpu_linear.PackedLinear(w)
     x = torch.randn(40, 64)
-    torch.testing.assert_close(impl(x, w, b), F.linear(x, w, b), atol=2e-5, rtol=1e-5)
-    full = impl(x, w)
-    for m in (1, 7, 33):
+    small = cpu_linear.SKINNY_ROWS
+    for m in (1, 3, small, small + 1, 40):
+        torch.testing.assert_close(impl(x[:m], w, b), F.linear(x[:m], w, b), atol=2e-5, rtol=1e-5)
+    full, few = impl(x, w), impl(x[:small], w)
+    for m in (1, 7):
+        assert torch.equal(impl(x[:m], w), few[:m])
+    for m in (small + 1, 33):
         assert torch.equal(impl(x[:m], w), full[:m])
+
+
+@pytest.mark.parametrize("n,k", [(300, 64), (1024, 512), (7, 13), (9, 1408), (16, 517)])
+def test_skinny_linear_matches_fp64_and_its_rows_do_not_depend_on_the_batch(n, k):
+    """N and K off multiples of 8 take the tails; one row takes the row-by-row path, more rows the
+    eight-rows-at-a-time one, and both must give the same bits for a row."""
+    op = _skinny()
+    torch.manual_seed(n + k)
+    w, x = torch.randn(n, k), torch.randn(12, k)
+    full = op.skinny_linear(x, w)
+    ref = x.double() @ w.double().t()
+    assert (full.double() - ref).abs().max().item() < 1e-6 * k ** 0.5 * 10
+    for m in range(1, 12):
+        assert torch.equal(op.skinny_linear(x[:m], w), full[:m]), m
+        assert torch.equal(op.skinny_linear(x[m:m + 1], w), full[m:m + 1]), m
+    strided = torch.randn(12, 2 * k)[:, :k]  # rows of x apart in memory
+    assert torch.equal(op.skinny_linear(strided, w), op.skinny_linear(strided.contiguous(), w))
+
+
+def test_skinny_linear_refuses_what_it_cannot_do():
+    op = _skinny()
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        op.skinny_linear(torch.ones(1, 8, dtype=torch.bfloat16), torch.ones(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="K must be contiguous"):
+        op.skinny_linear(torch.ones(1, 8), torch.ones(8, 4).t())
+    with pytest.raises(RuntimeError, match=r"x \[M, K\] and weight \[N, K\]"):
+        op.skinny_linear(torch.ones(1, 8), torch.ones(4, 9))
+
+
+def test_few_rows_take_skinny_linear_and_more_take_onednn(monkeypatch):
+    op = _skinny()
+    torch.manual_seed(1)
+    w = torch.randn(64, 32)
+    impl = cpu_linear.PackedLinear(w)
+    small = cpu_linear.SKINNY_ROWS
+    x = torch.randn(small + 1, 1, 32)  # megatron's [tokens, batch, hidden]
+    assert torch.equal(impl(x[:small], w), op.skinny_linear(x[:small, 0], w).view(small, 1, 64))
+    onednn = torch.ops.mkldnn._linear_pointwise(x, impl.packed, None, "none", [], "")
+    assert torch.equal(impl(x, w), onednn)
+    monkeypatch.setattr(cpu_linear, "_SKINNY", [None, "SEESAW_SKINNY_LINEAR=0"])
+    off = cpu_linear.PackedLinear(w)
+    assert off.skinny is None
+    assert torch.equal(off(x[:1], w), torch.ops.mkldnn._linear_pointwise(x[:1], off.packed, None, "none", [], ""))
 
 
 def test_another_weight_takes_the_plain_matmul():
@@ -39,7 +94,9 @@ def test_choice_is_logged_once_and_torch_opts_out(caplog):
         assert cpu_linear.select_linear("auto", torch.device("cpu"), torch.float32) == cpu_linear.ONEDNN
         assert cpu_linear.select_linear("auto", torch.device("cpu"), torch.float32) == cpu_linear.ONEDNN
         assert cpu_linear.select_linear("torch", torch.device("cpu"), torch.float32) == cpu_linear.TORCH
-    assert [r.getMessage() for r in caplog.records] == ["linear layers: onednn",
+    op, why = cpu_linear.skinny_linear_op()
+    few = "skinny_linear" if op is not None else f"onednn ({why})"
+    assert [r.getMessage() for r in caplog.records] == [f"linear layers: onednn; up to 8 rows: {few}",
                                                          "linear layers: torch (--kernels torch)"]
     assert cpu_linear._unavailable("auto", torch.device("cuda", 0), torch.float32).startswith("oneDNN packing")
 

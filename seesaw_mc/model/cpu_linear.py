@@ -17,10 +17,22 @@ Why (fp32, 2 threads, AMD EPYC with AVX2, us per call, M tokens x K -> N):
 rows also do not depend on how many rows are in the batch, unlike MKL's sgemm here.
 oneDNN packs bf16/fp16 only on CPUs with AVX512-BF16/FP16 or AVX-NE-CONVERT; elsewhere, and on
 CUDA, layers keep megatron-core's own matmul.
+
+Up to SKINNY_ROWS rows (decode at small batch) an fp32 layer calls the extension's `skinny_linear`
+(csrc/skinny_linear.cpp) on its own unpacked weight instead: there the step is a read of every
+weight, and oneDNN reads them at about half the host's read bandwidth. A chain of the 30M Llama's
+33 weights (111 MB, more than L3), 2 threads, ms, oneDNN packed -> skinny_linear (read-only
+stream 19.2-19.6 GB/s in the same run):
+    rows   1                 2                 4                 8
+           10.8-12.6 -> 7.6-8.1   12.4-14.1 -> 9.6-10.3   13.9-16.9 -> 9.0-11.4   13.3-18.3 -> 10.1-12.8
+At 1 row that is 14 GB/s against oneDNN's 10, MKL's packed sgemm 8.5-8.9 and torch.mv 6.1-6.7.
+The op sums every output in one order whatever the batch, so its rows do not depend on the batch
+either; they differ from oneDNN's in the last bits. SEESAW_SKINNY_LINEAR=0 turns it off (A/B runs).
 """
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -28,7 +40,9 @@ import torch
 log = logging.getLogger("seesaw_mc")
 
 ONEDNN, TORCH = "onednn", "torch"
+SKINNY_ROWS = 8
 _CHOICE: dict = {}
+_SKINNY: list = []  # [op or None, why not], probed once per process
 
 
 def select_linear(requested: str, device: torch.device, dtype: torch.dtype, log_once: bool = True) -> str:
@@ -39,8 +53,32 @@ def select_linear(requested: str, device: torch.device, dtype: torch.dtype, log_
         why = _unavailable(requested, device, dtype)
         _CHOICE[key] = TORCH if why else ONEDNN
         if log_once:
-            log.info("linear layers: %s%s", _CHOICE[key], f" ({why})" if why else "")
+            if why:
+                log.info("linear layers: %s (%s)", TORCH, why)
+            elif dtype != torch.float32:
+                log.info("linear layers: %s", ONEDNN)
+            else:
+                op, skinny_why = skinny_linear_op()
+                log.info("linear layers: %s; up to %d rows: %s", ONEDNN, SKINNY_ROWS,
+                         "skinny_linear" if op is not None else f"{ONEDNN} ({skinny_why})")
     return _CHOICE[key]
+
+
+def skinny_linear_op():
+    """(the extension's ops, "") when its `skinny_linear` is there, else (None, why not)."""
+    if not _SKINNY:
+        if os.environ.get("SEESAW_SKINNY_LINEAR", "1") == "0":
+            _SKINNY.extend([None, "SEESAW_SKINNY_LINEAR=0"])
+        else:
+            from seesaw_mc.model import paged_attn_ext
+
+            op, why = paged_attn_ext.load_op()
+            try:
+                op is None or op.skinny_linear
+            except (AttributeError, RuntimeError):  # an extension built before the op
+                op, why = None, "the built extension lacks it (python -m seesaw_mc.model.paged_attn_ext build)"
+            _SKINNY.extend([op, why])
+    return _SKINNY[0], _SKINNY[1]
 
 
 def _unavailable(requested: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -66,16 +104,26 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 class PackedLinear:
     """A layer's `_forward_impl` while its weight is packed. megatron-core calls it with the
     weight it would multiply by: the layer's own, or the embedding it is tied to. A weight that
-    is not the packed one takes the plain matmul."""
+    is not the packed one takes the plain matmul. Up to SKINNY_ROWS rows of fp32 go to
+    `skinny_linear` on the weight itself (the module docstring says why)."""
 
     def __init__(self, weight: torch.Tensor):
         self.packed = pack(weight)
         self.source = (weight.data_ptr(), tuple(weight.shape))
+        op, _ = skinny_linear_op() if weight.dtype == torch.float32 and weight.stride(-1) == 1 else (None, "")
+        self.skinny = op.skinny_linear if op is not None else None
+        self.weight = weight.detach() if op is not None else None
 
     def __call__(self, input, weight, bias=None, **_megatron_kwargs):
         if (weight.data_ptr(), tuple(weight.shape)) != self.source:
             out = torch.matmul(input, weight.t())
             return out + bias if bias is not None else out
+        if self.skinny is not None and input.dtype == torch.float32:
+            rows = input.numel() // max(1, input.shape[-1])
+            if 0 < rows <= SKINNY_ROWS:
+                out = self.skinny(input.reshape(rows, input.shape[-1]).contiguous(), self.weight)
+                out = out.view(*input.shape[:-1], out.shape[-1])
+                return out + bias if bias is not None else out
         return torch.ops.mkldnn._linear_pointwise(input, self.packed, bias, "none", [], "")
 
 

@@ -1,5 +1,6 @@
 """The CPU paged-attention op (`csrc/paged_attention.cpp`) and, in the same extension, the fused
-elementwise ops (`csrc/fused_ops.cpp`, called through fused_ops.py): build, load, call.
+elementwise ops (`csrc/fused_ops.cpp`, called through fused_ops.py) and the few-row linear
+(`csrc/skinny_linear.cpp`, called through cpu_linear.py): build, load, call.
 
 It is a C++ extension JIT-built with `torch.utils.cpp_extension.load` into TORCH_EXTENSIONS_DIR,
 the way DeepSpeed builds its ops; `make venv` builds it once into .cache/torch_extensions:
@@ -27,7 +28,7 @@ import torch
 log = logging.getLogger("seesaw_mc")
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-_SOURCES = [os.path.join(_CSRC, "paged_attention.cpp"), os.path.join(_CSRC, "fused_ops.cpp")]
+_SOURCES = [os.path.join(_CSRC, name) for name in ("paged_attention.cpp", "fused_ops.cpp", "skinny_linear.cpp")]
 _HEADERS = [os.path.join(_CSRC, "vec_math.h")]
 _PROJECT_EXTENSIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                    ".cache", "torch_extensions")

@@ -4,6 +4,9 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -37,6 +40,20 @@ inline V exp_approx(V x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
+
+// a * b + c with one rounding where the CPU has FMA. GCC contracts `acc += a * b` into an FMA in
+// one loop and not in another (seen in skinny_linear.cpp), so kernels whose results must agree
+// bit for bit across code paths say which they mean.
+inline v8f fmadd(v8f a, v8f b, v8f c) {
+#if defined(__FMA__)
+  return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The eight lanes of a summed in hsum8's order: ((0+1)+(2+3))+((4+5)+(6+7)).
+inline float hsum1(v8f a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
 
 // Lane j of the result is the sum of the eight lanes of a[j]: eight dot products reduced at once,
 // instead of eight horizontal sums (a transpose by pairwise shuffles and adds).
