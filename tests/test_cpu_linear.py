@@ -44,14 +44,14 @@ def test_skinny_linear_matches_fp64_and_its_rows_do_not_depend_on_the_batch(n, k
     eight-rows-at-a-time one, and both must give the same bits for a row."""
     op = _skinny()
     torch.manual_seed(n + k)
-    w, x = torch.randn(n, k), torch.randn(12, k)
+    w, x = torch.randn(n, k), torch.randn(cpu_linear.SKINNY_ROWS + 2, k)
     full = op.skinny_linear(x, w)
     ref = x.double() @ w.double().t()
     assert (full.double() - ref).abs().max().item() < 1e-6 * k ** 0.5 * 10
-    for m in range(1, 12):
+    for m in range(1, x.shape[0]):
         assert torch.equal(op.skinny_linear(x[:m], w), full[:m]), m
         assert torch.equal(op.skinny_linear(x[m:m + 1], w), full[m:m + 1]), m
-    strided = torch.randn(12, 2 * k)[:, :k]  # rows of x apart in memory
+    strided = torch.randn(5, 2 * k)[:, :k]  # rows of x apart in memory
     assert torch.equal(op.skinny_linear(strided, w), op.skinny_linear(strided.contiguous(), w))
 
 
@@ -96,7 +96,8 @@ def test_choice_is_logged_once_and_torch_opts_out(caplog):
         assert cpu_linear.select_linear("torch", torch.device("cpu"), torch.float32) == cpu_linear.TORCH
     op, why = cpu_linear.skinny_linear_op()
     few = "skinny_linear" if op is not None else f"onednn ({why})"
-    assert [r.getMessage() for r in caplog.records] == [f"linear layers: onednn; up to 8 rows: {few}",
+    small = cpu_linear.SKINNY_ROWS
+    assert [r.getMessage() for r in caplog.records] == [f"linear layers: onednn; up to {small} rows: {few}",
                                                          "linear layers: torch (--kernels torch)"]
     assert cpu_linear._unavailable("auto", torch.device("cuda", 0), torch.float32).startswith("oneDNN packing")
 

@@ -21,13 +21,17 @@ CUDA, layers keep megatron-core's own matmul.
 Up to SKINNY_ROWS rows (decode at small batch) an fp32 layer calls the extension's `skinny_linear`
 (csrc/skinny_linear.cpp) on its own unpacked weight instead: there the step is a read of every
 weight, and oneDNN reads them at about half the host's read bandwidth. A chain of the 30M Llama's
-33 weights (111 MB, more than L3), 2 threads, ms, oneDNN packed -> skinny_linear (read-only
-stream 19.2-19.6 GB/s in the same run):
-    rows   1                 2                 4                 8
-           10.8-12.6 -> 7.6-8.1   12.4-14.1 -> 9.6-10.3   13.9-16.9 -> 9.0-11.4   13.3-18.3 -> 10.1-12.8
-At 1 row that is 14 GB/s against oneDNN's 10, MKL's packed sgemm 8.5-8.9 and torch.mv 6.1-6.7.
-The op sums every output in one order whatever the batch, so its rows do not depend on the batch
-either; they differ from oneDNN's in the last bits. SEESAW_SKINNY_LINEAR=0 turns it off (A/B runs).
+33 weights (111 MB, more than L3), 2 threads, ms, oneDNN packed -> skinny_linear; two runs, the
+host's read-only stream at 19-21 GB/s in the first and slower in the second:
+    rows                    1           2           4           8           12          16
+    run 1, oneDNN           10.8-12.6   12.4-14.1   13.9-16.9   13.3-18.3
+    run 1, skinny_linear    7.2-7.8     9.6-10.3    9.0-11.4    10.1-12.8
+    run 2, oneDNN           12.5-13.6                           17.7-18.1   19.2-21.1   19.7-21.1
+    run 2, skinny_linear    9.7-10.0                            13.5-14.1   16.1-16.4   18.8-19.4
+At 1 row that is 14-15 GB/s against oneDNN's 10, MKL's packed sgemm 8.5-8.9 and torch.mv 6.1-6.7;
+at 16 rows the two are even, so 12 is the bound. The op sums every output in one order whatever
+the batch, so its rows do not depend on the batch either; they differ from oneDNN's in the last
+bits. SEESAW_SKINNY_LINEAR=0 turns it off (A/B runs).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import torch
 log = logging.getLogger("seesaw_mc")
 
 ONEDNN, TORCH = "onednn", "torch"
-SKINNY_ROWS = 8
+SKINNY_ROWS = 12
 _CHOICE: dict = {}
 _SKINNY: list = []  # [op or None, why not], probed once per process
 
