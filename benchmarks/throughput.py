@@ -275,12 +275,23 @@ def main(argv=None) -> int:
     vllm_backend.add_arguments(p)
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
+    from seesaw_mc.config import Layout
+    from seesaw_mc.errors import SeesawError
+
+    try:
+        Layout.parse_pair(args.layouts)
+    except SeesawError as e:  # before any backend starts: one line, not argparse's usage wall
+        print(f"throughput.py: error: --layouts: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
 
     torch.set_num_threads(args.threads)
     args.preamble_s = time.time() - T_SCRIPT
+    from seesaw_mc.model_spec import load_model_args
+
+    load_model_args(args.model)  # a missing or bad model folder: ModelError's one line
     with open(os.path.join(args.model, "config.json")) as f:
         cfg = json.load(f)
     reqs = make_workload(args.dataset_name, args.num_prompts, cfg["vocab_size"], seed=args.seed,
@@ -337,4 +348,10 @@ def summarise(args, results) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from seesaw_mc.errors import SeesawError
+
+    try:
+        raise SystemExit(main())
+    except SeesawError as e:  # a bad model folder, option or request: one line, not a traceback
+        print(f"throughput.py: error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code)

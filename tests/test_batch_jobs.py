@@ -159,6 +159,25 @@ def test_resume_after_sigkill(tiny_models, tmp_path):
     assert lines_by_id(out) == want
 
 
+def test_throughput_benchmark_refuses_bad_input_in_one_line(tiny_models, capsys):
+    """A bad layout is checked before any engine starts: one error line, exit 2. A bad model folder
+    raises the engine's one-line ModelError."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    with pytest.raises(SystemExit) as e:
+        throughput.main(["--model", tiny_models["llama"], "--backends", "seesaw", "--layouts", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("throughput.py: error: --layouts: invalid layout '1'"), err
+    from seesaw_mc.errors import ModelError
+
+    with pytest.raises(ModelError, match="does not exist"):  # the script's __main__ prints it as one line
+        throughput.main(["--model", "/nonexistent", "--backends", "seesaw", "--num-prompts", "2"])
+
+
 def test_throughput_benchmark_with_in_run_baselines(tiny_models, tmp_path):
     """benchmarks/throughput.py runs our engine, DeepSpeed AutoTP and HF generate on the same
     ranks and requests and writes vLLM's keys (a smoke test: speed is not asserted)."""
