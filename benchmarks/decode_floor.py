@@ -103,12 +103,14 @@ def main(argv=None) -> int:
 
 
 def decode_period(timeline, batch: int) -> float:
-    """Median seconds from the start of one decode step of `batch` sequences to the next: the whole
-    step (scheduling, the forward, sampling, bookkeeping), without the prefill."""
-    starts = [t[0] for t in timeline if t[2] == "decode" and t[3] == batch]
-    if len(starts) < 2:
-        raise SystemExit(f"decode_floor: fewer than 2 decode steps of {batch} sequences in the timeline")
-    return statistics.median(b - a for a, b in zip(starts, starts[1:]))
+    """Median seconds from the start of one decode step of `batch` sequences to the start of the very
+    next step, when that is one too: the whole step (scheduling, the forward, sampling, bookkeeping),
+    without the prefill."""
+    ours = [t[2] == "decode" and t[3] == batch for t in timeline]
+    gaps = [b[0] - a[0] for a, b, x, y in zip(timeline, timeline[1:], ours, ours[1:]) if x and y]
+    if not gaps:
+        raise SystemExit(f"decode_floor: no two consecutive decode steps of {batch} sequences in the timeline")
+    return statistics.median(gaps)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ process, the two switched between runs (A B B A ...), so that both see the same 
 
 A step is timed as decode_floor.py times it: the median period between consecutive decode steps of
 the batch in the engine's timeline. oneDNN is had by clearing every packed layer's `skinny`; the
-rest of the engine is the same. The greedy tokens of both are compared.
+rest of the engine is the same. One process, one layout: a layout switch would pack new layers that
+the switch does not reach. The greedy tokens of both are compared (and reported, not asserted: the
+two sum in other orders, so a near-tie may go either way).
 
     python benchmarks/linear_ab.py --model .cache/models/random-llama-30m --batches 1,4,8,12
 """

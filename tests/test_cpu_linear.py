@@ -53,6 +53,9 @@ def test_skinny_linear_matches_fp64_and_its_rows_do_not_depend_on_the_batch(n, k
         assert torch.equal(op.skinny_linear(x[m:m + 1], w), full[m:m + 1]), m
     strided = torch.randn(5, 2 * k)[:, :k]  # rows of x apart in memory
     assert torch.equal(op.skinny_linear(strided, w), op.skinny_linear(strided.contiguous(), w))
+    shard = torch.randn(n, k + 24)[:, 8:8 + k]  # a row-parallel TP shard: weight rows apart in memory
+    for m in (1, 3):
+        assert torch.equal(op.skinny_linear(x[:m], shard), op.skinny_linear(x[:m], shard.contiguous()))
 
 
 def test_skinny_linear_refuses_what_it_cannot_do():
@@ -75,7 +78,9 @@ def test_few_rows_take_skinny_linear_and_more_take_onednn(monkeypatch):
     assert torch.equal(impl(x[:small], w), op.skinny_linear(x[:small, 0], w).view(small, 1, 64))
     onednn = torch.ops.mkldnn._linear_pointwise(x, impl.packed, None, "none", [], "")
     assert torch.equal(impl(x, w), onednn)
-    monkeypatch.setattr(cpu_linear, "_SKINNY", [None, "SEESAW_SKINNY_LINEAR=0"])
+    monkeypatch.setattr(cpu_linear, "_SKINNY", [])
+    monkeypatch.setenv("SEESAW_SKINNY_LINEAR", "0")
+    assert cpu_linear.skinny_linear_op() == (None, "SEESAW_SKINNY_LINEAR=0")
     off = cpu_linear.PackedLinear(w)
     assert off.skinny is None
     assert torch.equal(off(x[:1], w), torch.ops.mkldnn._linear_pointwise(x[:1], off.packed, None, "none", [], ""))

@@ -30,8 +30,9 @@ host's read-only stream at 19-21 GB/s in the first and slower in the second:
     run 2, skinny_linear    9.7-10.0                            13.5-14.1   16.1-16.4   18.8-19.4
 At 1 row that is 14-15 GB/s against oneDNN's 10, MKL's packed sgemm 8.5-8.9 and torch.mv 6.1-6.7;
 at 16 rows the two are even, so 12 is the bound. The op sums every output in one order whatever
-the batch, so its rows do not depend on the batch either; they differ from oneDNN's in the last
-bits. SEESAW_SKINNY_LINEAR=0 turns it off (A/B runs).
+the batch, so up to 12 rows a row's result does not depend on the others either; across the bound
+(a prefill of 12 tokens recomputed as part of a longer one) the two differ in the last bits.
+SEESAW_SKINNY_LINEAR=0 turns it off (A/B runs).
 """
 from __future__ import annotations
 
