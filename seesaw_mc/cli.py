@@ -8,6 +8,7 @@ non-zero exit code; set SEESAW_DEBUG=1 to see tracebacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -135,31 +136,25 @@ def cmd_make_demo(a) -> int:
     return 0
 
 
-def _close_distributed() -> None:
+def _close_distributed(after_error: bool = False) -> None:
     """Tear the process groups down in order once every rank is done. Left to interpreter exit,
     gloo's transport threads could outlive their owner: a rank that had finished its work died
-    with SIGABRT ("terminate called without an active exception") now and then."""
+    with SIGABRT ("terminate called without an active exception") now and then, and once a
+    corrupt checkpoint's one-line error did too. After an error only a world of one (convert, a
+    1-rank generate) is torn down, quietly: ranks of a larger world skip it, their peers may be gone."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if after_error:
+        if dist.get_world_size() == 1:
+            with contextlib.suppress(Exception):  # the error being reported matters more
+                dist.destroy_process_group()
         return
     if dist.get_world_size() > 1:
         from seesaw_mc.parallel.megatron_adapter import control_group
 
         dist.barrier(group=control_group())
     dist.destroy_process_group()
-
-
-def _close_after_error() -> None:
-    """A failed one-process command (convert, a 1-rank generate) still holds its world of one:
-    tear it down as on success, or gloo's threads may abort the exit (SIGABRT, seen once after
-    a corrupt checkpoint's one-line error). Ranks of a larger world skip it: their peers may be
-    gone."""
-    dist = sys.modules.get("torch.distributed")
-    try:
-        if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - the error being reported matters more
-        pass
 
 
 def relaunch(nproc: int, argv) -> int:
@@ -229,7 +224,7 @@ def main(argv=None) -> int:
         if debug:
             raise
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        _close_after_error()
+        _close_distributed(after_error=True)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -248,5 +243,5 @@ def main(argv=None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"{PROG}: internal error: {type(e).__name__}: {msg} (rerun with SEESAW_DEBUG=1 for the traceback)",
               file=sys.stderr)
-        _close_after_error()
+        _close_distributed(after_error=True)
         return 1

@@ -78,10 +78,11 @@ def skinny_linear_op():
             from seesaw_mc.model import paged_attn_ext
 
             op, why = paged_attn_ext.load_op()
-            try:
-                op is None or op.skinny_linear
-            except (AttributeError, RuntimeError):  # an extension built before the op
-                op, why = None, "the built extension lacks it (python -m seesaw_mc.model.paged_attn_ext build)"
+            if op is not None:
+                try:
+                    op.skinny_linear
+                except (AttributeError, RuntimeError):  # an extension built before the op
+                    op, why = None, "the built extension lacks it (python -m seesaw_mc.model.paged_attn_ext build)"
             _SKINNY.extend([op, why])
     return _SKINNY[0], _SKINNY[1]
 
