@@ -126,6 +126,10 @@ class CacheConfig:
     host_memory_fraction: float = 0.25
     """Share of the node's available RAM for the host tier when host_memory_bytes is unset.
     The tier is a sparse shared-memory file: only blocks in use take memory."""
+    enable_prefix_caching: bool = True
+    """Share the KV of common prompt prefixes (full blocks) in both tiers: a prefix is stored
+    once per tier, a prefill computes only what follows its cached prefix, and requests are
+    admitted grouped by shared prefix. Output does not change (core/block_manager.py)."""
 
 
 @dataclass
@@ -198,6 +202,7 @@ class EngineConfig:
         "num_host_blocks": ("cache", "num_host_blocks"),
         "device_capacity_bytes": ("cache", "device_capacity_bytes"),
         "host_memory_bytes": ("cache", "host_memory_bytes"),
+        "enable_prefix_caching": ("cache", "enable_prefix_caching"),
         "max_num_seqs": ("scheduler", "max_num_seqs"),
         "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
         "decode_watermark": ("scheduler", "decode_watermark"),
@@ -242,6 +247,8 @@ class EngineConfig:
             raise ConfigError(f"device_capacity_bytes must be positive (got {c.device_capacity_bytes!r})")
         if c.num_host_blocks is not None and (not isinstance(c.num_host_blocks, int) or c.num_host_blocks < 1):
             raise ConfigError(f"num_host_blocks must be a positive integer (got {c.num_host_blocks!r})")
+        if not isinstance(c.enable_prefix_caching, bool):
+            raise ConfigError(f"enable_prefix_caching must be True or False (got {c.enable_prefix_caching!r})")
         if not 0.0 < c.host_memory_fraction <= 1.0:
             raise ConfigError(f"host_memory_fraction must be in (0, 1] (got {c.host_memory_fraction!r})")
         if not 0.0 < c.device_memory_fraction <= 1.0:

@@ -15,6 +15,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from seesaw_mc.core.prefix_order import prefix_order
 from seesaw_mc.errors import SeesawError
 from seesaw_mc.outputs import RequestOutput
 from seesaw_mc.sampling_params import SamplingParams
@@ -39,6 +40,9 @@ def drive(engine, requests: Sequence, on_output: Callable[[RequestOutput], None]
     run = next(_RUNS)
     if not engine.is_leader:
         return engine.worker_loop()
+    if engine.config.cache.enable_prefix_caching:  # requests that share a prefix run together
+        order = prefix_order([r.prompt_token_ids for r in requests], engine.config.cache.block_size)
+        requests = [requests[i] for i in order]
     if engine.dp_size == 1:
         for r in requests:
             engine.add_request(r.request_id, r.prompt_token_ids, r.params, prompt=r.prompt)

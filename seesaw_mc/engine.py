@@ -102,12 +102,13 @@ class LLMEngine:
         self.is_leader = self.runner.is_leader
         self.dp_size = config.prefill_layout.dp
         self.dp_rank = self.runner.groups["prefill"].dp_rank
-        device = BlockManager(self.runner.num_blocks, bs)
+        caching = config.cache.enable_prefix_caching
+        device = BlockManager(self.runner.num_blocks, bs, enable_caching=caching)
         stop = StopRules(self.tokenizer, self.eos_token_ids, max_len)
         sc = config.scheduler
         if self.runner.switching:
             # Two layouts: the host tier holds KV between phases; schedule for few transitions.
-            host = BlockManager(self.runner.num_host_blocks, bs, table="host_block_table")
+            host = BlockManager(self.runner.num_host_blocks, bs, table="host_block_table", enable_caching=caching)
             self.scheduler = SeesawScheduler(device, host, sc.max_num_seqs, sc.max_num_batched_tokens,
                                              sc.decode_watermark, stop_check=stop)
         else:
@@ -139,11 +140,22 @@ class LLMEngine:
         rec = {"engine": self.stats.as_dict(), "transitions": list(self.transitions),
                "swap": self.runner.kv.summary(since=since["swap"] if since else None),
                "timeline": list(self.stats.timeline), "allreduce": self.runner.allreduce,
-               "device_blocks": self.runner.num_blocks, "host_blocks": self.runner.num_host_blocks}
+               "device_blocks": self.runner.num_blocks, "host_blocks": self.runner.num_host_blocks,
+               "prefix_cache": self.prefix_cache_counters()}
         if since:
             rec["engine"] = {k: v - since["engine"][k] for k, v in rec["engine"].items()}
+            rec["prefix_cache"] = {k: v - since["prefix_cache"][k] for k, v in rec["prefix_cache"].items()}
             rec["transitions"] = rec["transitions"][len(since["transitions"]):]
             rec["timeline"] = rec["timeline"][len(since["timeline"]):]
+        return rec
+
+    def prefix_cache_counters(self) -> dict:
+        """Prefix sharing so far: prompt tokens not computed, and per tier the full blocks looked
+        up at allocation and those found cached (hit rate = hit / queried)."""
+        rec = {"prefill_tokens_saved": self.scheduler.prefill_tokens_saved}
+        for name, bm in (("device", self.scheduler.bm), ("host", getattr(self.scheduler, "host", None))):
+            rec[f"{name}_queried_blocks"] = bm.queried_blocks if bm is not None else 0
+            rec[f"{name}_hit_blocks"] = bm.hit_blocks if bm is not None else 0
         return rec
 
     # -- requests ---------------------------------------------------------------------

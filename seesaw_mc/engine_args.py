@@ -38,10 +38,12 @@ class _Flag:
     help: str
     metavar: Optional[str] = None
     to_option: Callable = lambda value: value
+    action: Optional[str] = None
+    """store_true / store_false for a bool option (the flag turns its default around)."""
 
     @property
     def dest(self) -> str:
-        return self.flag[2:].replace("-", "_")
+        return self.option if self.action else self.flag[2:].replace("-", "_")
 
 
 def _gib_to_bytes(gib: Optional[float]) -> Optional[int]:
@@ -55,6 +57,8 @@ _OVERRIDES = {
         "flag": "--emulate-device-gib", "type": float, "to_option": _gib_to_bytes,
         "help": "CPU test beds: act as if each rank were a device of this many GiB (weights + KV); layouts whose "
                 "weight shard does not fit are refused, like an out-of-memory GPU"},
+    "enable_prefix_caching": {"flag": "--no-prefix-caching",
+                              "help": "turn off prefix sharing: every prompt is computed and stored whole"},
     # The CLI's decode layout follows the prefill layout; the API's is tp1 (see engine_kwargs).
     "prefill_layout": {"help_suffix": " (default tp1pp1)"},
     "decode_layout": {"help_suffix": " (default: the prefill layout)"},
@@ -82,6 +86,10 @@ def _flag_for(field: dataclasses.Field, option: str, hint, doc: str) -> _Flag:
     kind = _value_type(hint)
     over = dict(_OVERRIDES.get(field.name, {}))
     metavar, default = None, field.default
+    if kind is bool:  # a switch that turns the default around: --no-x for a default of True
+        flag = over.pop("flag", ("--no-" if default else "--") + option.replace("_", "-"))
+        return _Flag(flag=flag, option=option, type=bool, default=default, help=over.pop("help", doc),
+                     action="store_false" if default else "store_true")
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         # Plain str, not argparse choices: a bad value gets the config's own one-line error.
         metavar, kind = "{" + ",".join(m.value for m in kind) + "}", str
@@ -129,6 +137,9 @@ def add_engine_args(p: argparse.ArgumentParser):
     """The engine flags, in a group of their own (returned)."""
     g = p.add_argument_group("engine")
     for f in engine_flags():
+        if f.action:
+            g.add_argument(f.flag, dest=f.dest, action=f.action, default=f.default, help=f.help.replace("%", "%%"))
+            continue
         g.add_argument(f.flag, type=f.type, default=f.default, required=f.option == "model",
                        metavar=f.metavar, help=f.help.replace("%", "%%"))
     g.add_argument("--layouts", default=None, help="paper notation: P4->T4, D2P4->D2T4, one static layout, or "

@@ -9,9 +9,15 @@ import warnings
 warnings.filterwarnings("ignore")
 
 
-def prompts_for(seed, n=10, vocab=320, lo=2, hi=40):
+def prompts_for(seed, n=10, vocab=320, lo=2, hi=40, shared=False):
+    """Random prompts; `shared`: most of them under one 18-token system prompt, some ending inside it."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab - 3) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    out = [[rng.randrange(3, vocab - 3) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    if shared:
+        system = out[0][:18] + [5] * max(0, 18 - len(out[0]))
+        out = [system[:rng.choice((10, 16))] if i % 4 == 3 else system + p[:rng.randint(1, 12)]
+               for i, p in enumerate(out)]
+    return out
 
 
 def logprob_rows(outs):
@@ -65,7 +71,8 @@ def main():
                   max_num_batched_tokens=case.get("budget", 4096), allreduce=case.get("allreduce", "auto"),
                   pipeline_depth=case.get("depth"))
         prompts = [{"prompt_token_ids": p} for p in prompts_for(case.get("seed", 0), n=case.get("n", 10),
-                                                                  vocab=case.get("vocab", 320))]
+                                                                  vocab=case.get("vocab", 320),
+                                                                  shared=case.get("shared", False))]
         greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=case["max_tokens"]), use_tqdm=False)
         m = llm.engine.metrics()
         sampled = llm.generate(prompts[:4], [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=40 + i)
@@ -81,7 +88,7 @@ def main():
             "transitions": m["transitions"] if llm.engine.is_leader else [],
             "preemptions": m["engine"]["preemptions"], "swap": m["swap"], "allreduce": m["allreduce"],
             "shm_allreduce_calls": getattr(llm.engine.runner.shm_allreduce, "calls", 0),
-            "host_blocks": llm.engine.runner.num_host_blocks,
+            "host_blocks": llm.engine.runner.num_host_blocks, "prefix_cache": m["prefix_cache"],
         }
     if spec.get("probe_sends"):
         results["probe_sends"] = probe_sends(llm.engine.runner)

@@ -67,6 +67,9 @@ def test_two_ranks(tiny_models, tmp_path):
             for family in ("llama", "qwen2") for c in cases(tiny_models[family], pairs, 12)]
     for c in spec:  # llama: pp steps in flight (the default); qwen2: the pipeline drains every step
         c["depth"] = 1 if c["name"].startswith("qwen2") else None
+        if c["name"].startswith("llama"):  # prompts that share a prefix (issue 18), stored once: smaller tiers
+            c["shared"] = True
+            c["blocks"], c["host_blocks"] = (16, 20) if c["blocks"] else (None, None)
     all_res = torchrun(2, {"cases": spec, "probe_sends": True}, tmp_path)
     # Plans and activations leave without waiting for their receiver, and arrive in order.
     assert all_res.pop("probe_sends") == {"plans": [0, 1, 2], "activations": [[1.0], [2.0]]}
@@ -80,6 +83,13 @@ def test_two_ranks(tiny_models, tmp_path):
         for name in ("pp2->tp2", "tp2->pp2"):
             swap = res[name]["swap"]
             assert swap["prefetch_blocks"] > 0 and swap["offload_blocks"] > 0, (family, name, swap)
+    # Shared prefixes were computed once per tier and stored once, in every layout.
+    for name, r in all_res.items():
+        if name.startswith("llama"):
+            pc = r["prefix_cache"]
+            assert pc["prefill_tokens_saved"] > 0 and pc["device_hit_blocks"] > 0, (name, pc)
+            if name.endswith(("pp2->tp2", "tp2->pp2")):
+                assert pc["host_hit_blocks"] > 0, (name, pc)
 
 
 def test_host_tier_size_agreed_across_ranks(tiny_models, tmp_path):

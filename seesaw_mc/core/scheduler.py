@@ -55,7 +55,10 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(s) for s in self.seqs) if self.phase is Phase.PREFILL else len(self.seqs)
+        """Tokens computed: a prefill computes each prompt after its cached prefix."""
+        if self.phase is Phase.PREFILL:
+            return sum(len(s) - s.num_cached_tokens for s in self.seqs)
+        return len(self.seqs)
 
 
 @dataclass
@@ -84,6 +87,8 @@ class Scheduler:
         self.waiting: Deque[Sequence] = deque()
         self.running: Deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.prefill_tokens_saved = 0
+        """Prompt tokens not computed because a cached prefix held their KV."""
         self.steps_in_flight = 0
         """Steps scheduled whose tokens are not back yet (update_from_output)."""
         self.decode_groups = 1
@@ -113,21 +118,24 @@ class Scheduler:
         return out if out is not None else self._schedule_decode()
 
     def _admit(self, can_take, take) -> List[Sequence]:
-        """FIFO admission of waiting sequences within the prefill token budget, while
-        can_take(seq, batch) allows; take(seq) gives it its blocks."""
+        """FIFO admission of waiting sequences within the prefill token budget (tokens to
+        compute: a cached prefix is free), while can_take(seq, batch) allows; take(seq) gives
+        it its blocks and returns how many leading blocks a cached prefix already filled."""
         batch: List[Sequence] = []
         num_tokens = 0
         while self.waiting:
             seq = self.waiting[0]
-            if batch and num_tokens + len(seq) > self.max_num_batched_tokens:
+            cost = len(seq) - len(self.bm.cached_prefix(seq)) * self.bm.block_size
+            if batch and num_tokens + cost > self.max_num_batched_tokens:
                 break
             if not can_take(seq, batch):
                 break
-            take(seq)
+            seq.num_cached_tokens = take(seq) * self.bm.block_size
+            self.prefill_tokens_saved += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
             batch.append(seq)
-            num_tokens += len(seq)
+            num_tokens += len(seq) - seq.num_cached_tokens
         return batch
 
     def _schedule_prefill(self):
@@ -136,7 +144,7 @@ class Scheduler:
                 return False
             # An empty engine always admits its head (add() checked it fits alone).
             reserve = self.watermark_blocks if (self.running or batch) else 0
-            return blocks_needed(len(seq), self.bm.block_size) + reserve <= self.bm.num_free_blocks
+            return self.bm.new_blocks_needed(seq) + reserve <= self.bm.num_free_blocks
 
         batch = self._admit(can_take, self.bm.allocate)
         if not batch:

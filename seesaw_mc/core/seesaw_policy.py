@@ -113,6 +113,7 @@ class SeesawScheduler(Scheduler):
             leftover = list(self.running)
             self.running.clear()
             swap_out = [p for p in (self._swap_out(s, preempt=False) for s in reversed(leftover)) if p]
+            self.bm.drop_cache()  # the device tier's cached blocks are the decode layout's
             out = self._schedule_prefill()
             if out is not None:
                 out.swap_out = swap_out
@@ -138,6 +139,7 @@ class SeesawScheduler(Scheduler):
                 return out
             waited += self._settle(keep_last_offload=False)  # decode waits for every copy
             self.phase = Phase.DECODE
+            self.bm.drop_cache()  # the device tier's cached blocks are the prefill layout's
             self.num_transitions += 1
             self._peak_running = 0
             out = self._schedule_decode()
@@ -149,19 +151,22 @@ class SeesawScheduler(Scheduler):
     def _head_fits(self, extra_host_blocks: int = 0, device: bool = True) -> bool:
         if not self.waiting:
             return False
-        n = len(self.waiting[0])
-        return (blocks_needed(n, self.host.block_size) + extra_host_blocks <= self.host.num_free_blocks
-                and (not device or blocks_needed(n, self.bm.block_size) <= self.bm.num_free_blocks))
+        seq = self.waiting[0]  # unique blocks: a cached prefix in use by others costs nothing
+        return (self.host.new_blocks_needed(seq) + extra_host_blocks <= self.host.num_free_blocks
+                and (not device or self.bm.new_blocks_needed(seq) <= self.bm.num_free_blocks))
 
     def _schedule_prefill(self):
+        stored = {}  # seq_id -> leading host blocks that already hold its prefix: not offloaded
+
         def take(seq):
-            self.bm.allocate(seq)
-            self.host.allocate(seq)
+            computed = self.bm.allocate(seq)
+            stored[seq.seq_id] = self.host.allocate(seq)
+            return computed
 
         batch = self._admit(lambda seq, batch: len(batch) < self.max_num_seqs and self._head_fits(), take)
         if not batch:
             return None
-        offload = [(s, list(zip(s.block_table, s.host_block_table))) for s in batch]
+        offload = [(s, list(zip(s.block_table, s.host_block_table))[stored[s.seq_id]:]) for s in batch]
         return SchedulerOutput(Phase.PREFILL, batch, offload=offload, offload_ticket=next(self._tickets))
 
     def _after_step(self, out: SchedulerOutput) -> None:
@@ -183,8 +188,7 @@ class SeesawScheduler(Scheduler):
             return False
         if len(self.running) > self.decode_watermark * self._peak_running:
             return False
-        leftover = sum(blocks_needed(len(s) - 1, self.host.block_size) - len(s.host_block_table)
-                       for s in self.running)
+        leftover = sum(self.host.new_blocks_needed(s, len(s) - 1) for s in self.running)
         return self._head_fits(extra_host_blocks=leftover) or not self.running
 
     def _schedule_decode(self) -> SchedulerOutput:
@@ -194,18 +198,22 @@ class SeesawScheduler(Scheduler):
         background = bool(self.running)
         incoming = self._prefetching if background else self.running
         # Keep the device tier full from the host tier, leaving each resident sequence room to grow.
+        bs = self.bm.block_size
         while self.swapped and len(self.running) + len(self._prefetching) < self.max_num_seqs:
             seq = self.swapped[0]
-            need = blocks_needed(len(seq), self.bm.block_size)
+            cached = len(seq) - 1  # the last sampled token has no KV yet
+            need = self.bm.new_blocks_needed(seq, cached) + (blocks_needed(len(seq), bs) > blocks_needed(cached, bs))
             resident = len(self.running) + len(self._prefetching)
             if need + resident > self.bm.num_free_blocks and resident:
                 break
             if need > self.bm.num_free_blocks:
                 break
             self.swapped.popleft()
-            self.bm.allocate(seq)
-            n = blocks_needed(len(seq) - 1, self.bm.block_size)
-            swap_in.append((seq, list(zip(seq.block_table[:n], seq.host_block_table[:n]))))
+            # Blocks a resident sequence already copied in (a shared prefix) are copied once.
+            first = self.bm.allocate(seq, cached)
+            n = len(seq.block_table)
+            self.bm.append_slot(seq)  # the block the next token's KV goes to, if a new one
+            swap_in.append((seq, list(zip(seq.block_table[first:n], seq.host_block_table[first:n]))))
             seq.status = SequenceStatus.RUNNING
             incoming.append(seq)
             self._copied_in.append(seq)
@@ -230,11 +238,10 @@ class SeesawScheduler(Scheduler):
             seq.num_preemptions += 1
             self.num_preemptions += 1
         cached = len(seq) - 1  # the last sampled token has no KV yet
-        need = blocks_needed(cached, self.host.block_size) - len(seq.host_block_table)
-        if need <= self.host.num_free_blocks:
-            self.host.allocate(seq, cached)
+        if self.host.new_blocks_needed(seq, cached) <= self.host.num_free_blocks:
+            first = self.host.allocate(seq, cached)  # blocks the host tier holds already are not copied
             n = blocks_needed(cached, self.bm.block_size)
-            pairs = (seq, list(zip(seq.block_table[:n], seq.host_block_table[:n])))
+            pairs = (seq, list(zip(seq.block_table[first:n], seq.host_block_table[first:n])))
             self.bm.free(seq)
             seq.status = SequenceStatus.WAITING
             self.swapped.appendleft(seq)

@@ -25,7 +25,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "params", "status",
         "block_table", "host_block_table", "finish_reason", "stop_reason", "arrival",
-        "num_preemptions", "logprobs", "cumulative_logprob", "text", "seed", "in_flight",
+        "num_preemptions", "logprobs", "cumulative_logprob", "text", "seed", "in_flight", "num_cached_tokens",
     )
 
     def __init__(self, request_id, index: int, prompt_token_ids: List[int], params, seed: int):
@@ -49,6 +49,9 @@ class Sequence:
         self.in_flight = False
         """Scheduled in a step whose token is not back yet (pipeline parallelism keeps steps
         in flight): it can be neither scheduled again nor evicted until then."""
+        self.num_cached_tokens = 0
+        """Leading tokens whose KV a shared prefix already holds at its (last) prefill: that
+        prefill computed only the tokens after them."""
 
     def append_token(self, token: int, logprob=None) -> None:
         """A sampled token; `logprob`: (its logprob, {token: Logprob}) when logprobs were asked for."""

@@ -35,6 +35,8 @@ class NewSeq:
     block_table: List[int]
     params: Any
     seed: int
+    num_cached_tokens: int = 0
+    """Leading tokens whose KV its blocks hold already (a shared prefix): a prefill computes the rest."""
 
 
 @dataclass
@@ -110,7 +112,7 @@ class PlanBuilder:
         for s in seqs:
             if kind == "prefill" or s.seq_id not in self._synced:  # (re)prefilled or swapped back in
                 plan.new.append(NewSeq(s.seq_id, list(s.token_ids), s.num_prompt_tokens, list(s.block_table),
-                                       s.params, s.seed))
+                                       s.params, s.seed, s.num_cached_tokens))
             else:
                 n_tok, n_blk = self._synced[s.seq_id]
                 plan.appended.append((s.seq_id, s.token_ids[n_tok:], s.block_table[n_blk:]))
@@ -132,6 +134,7 @@ class SequenceMirror:
             s.seq_id = n.seq_id
             s.token_ids = list(n.token_ids)
             s.block_table = list(n.block_table)
+            s.num_cached_tokens = n.num_cached_tokens
             self.seqs[n.seq_id] = s
         for sid, toks, blocks in plan.appended:
             s = self.seqs[sid]

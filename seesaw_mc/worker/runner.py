@@ -35,11 +35,11 @@ log = logging.getLogger("seesaw_mc")
 
 
 def split_microbatches(seqs: list, n: int, by_tokens: bool) -> List[list]:
-    """Contiguous micro-batches, balanced by tokens (prefill) or count (decode)."""
+    """Contiguous micro-batches, balanced by tokens to compute (prefill) or count (decode)."""
     n = max(1, min(n, len(seqs)))
     if n == 1:
         return [seqs]
-    weights = [len(s) if by_tokens else 1 for s in seqs]
+    weights = [len(s) - s.num_cached_tokens if by_tokens else 1 for s in seqs]
     total, out, cur, acc = sum(weights), [], [], 0
     for s, w in zip(seqs, weights):
         cur.append(s)
@@ -164,10 +164,10 @@ class ModelRunner:
         dev, bs = self.device, self.block_size
         tables = [s.block_table for s in seqs]
         if is_prefill:
-            # Whole prompts: nothing of them is cached yet (attention also takes num_cached > 0:
-            # chunked prefill, a shared prefix).
-            ids = [t for s in seqs for t in s.token_ids]
-            meta = prefill_metadata(tables, [len(s) for s in seqs], [0] * len(seqs), bs, dev)
+            # Each prompt after its cached prefix (a shared prefix's KV is in its first blocks).
+            ids = [t for s in seqs for t in s.token_ids[s.num_cached_tokens:]]
+            meta = prefill_metadata(tables, [len(s) - s.num_cached_tokens for s in seqs],
+                                    [s.num_cached_tokens for s in seqs], bs, dev)
         else:
             # Rows arrive sorted by length (see execute): the gather fallback pads per group.
             ids = [s.last_token for s in seqs]
@@ -239,7 +239,8 @@ class ModelRunner:
 
     def _run_microbatches(self, plan, is_prefill, seqs, g, model, results) -> None:
         try:
-            n = plan.num_microbatches or num_microbatches(g.layout.pp, is_prefill, sum(len(s) for s in seqs))
+            n = plan.num_microbatches or num_microbatches(g.layout.pp, is_prefill,
+                                                          sum(len(s) - s.num_cached_tokens for s in seqs))
             for mb in split_microbatches(seqs, n, by_tokens=is_prefill):
                 input_ids, meta = self._prepare(is_prefill, mb)
                 set_attn_metadata(meta)
