@@ -92,6 +92,7 @@ def run_seesaw(args, reqs) -> dict:
     elapsed = []
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.repeats):
+        llm.reset_prefix_cache()  # a repeat must not find the last run's prompts cached
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=args.tqdm and rank() == 0)
         elapsed.append(time.perf_counter() - t0)

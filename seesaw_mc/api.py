@@ -23,6 +23,10 @@ class LLM:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model, **kwargs))
         self._next_id = 0
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (as vLLM's); call it on every rank, between generate() calls."""
+        return self.engine.reset_prefix_cache()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -53,7 +53,9 @@ def _plan(a, specs, world: int) -> str:
     if not specs:
         raise SeesawError("--layouts auto: no valid request to plan for")
     wl = planner.Workload(os.path.basename(a.input), tuple(
-        (len(s.prompt_token_ids), s.params.max_tokens or a.max_tokens) for s in specs))
+        (len(s.prompt_token_ids), s.params.max_tokens or a.max_tokens) for s in specs),
+        planner.shared_prefix_tokens([s.prompt_token_ids for s in specs], a.block_size) if a.enable_prefix_caching
+        else 0.0)
     local = mc.local_world_size(world)
     shm = choose_allreduce(a.allreduce, mc.HAS_CUDA, world, local, (world,)) is AllReduce.DEEPSPEED_SHM
     hw = hardware_from_args(a, a.plan_hardware, world, shm_link=shm)

@@ -158,6 +158,16 @@ class LLMEngine:
             rec[f"{name}_hit_blocks"] = bm.hit_blocks if bm is not None else 0
         return rec
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix in both tiers (vLLM's reset_prefix_cache), e.g. so that a
+        benchmark's repeat of the same requests computes them again. False while requests run."""
+        if self.has_unfinished_requests():
+            return False
+        for bm in (self.scheduler.bm, getattr(self.scheduler, "host", None)):
+            if bm is not None:
+                bm.drop_cache()
+        return True
+
     # -- requests ---------------------------------------------------------------------
     def add_request(self, request_id, prompt_token_ids: Seq[int], params: SamplingParams,
                     prompt: Optional[str] = None) -> None:

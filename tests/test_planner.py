@@ -122,6 +122,20 @@ def test_seesaw_transitions_follow_the_host_tier():
     assert planner.CostModel(m, HW["A10"], 4).estimate(Layout(pp=4), Layout(tp=4), wl).transitions == 1
 
 
+def test_planner_counts_a_shared_prefix_once():
+    """Issue 18: prompts that share a prefix are computed and stored once: fewer prefill seconds,
+    fewer host-tier cycles (transitions) than the same lengths with nothing shared."""
+    shared = planner.Workload.preset("prefix-shared", 400)
+    assert 300 < shared.shared_in < shared.mean_in  # most of each system prompt (300-800 tokens) is shared
+    alone = planner.Workload("alone", shared.lengths)
+    assert planner.shared_prefix_tokens([[1] * 40, [1] * 40 + [2], [3] * 40], block_size=16) == pytest.approx(32 / 3)
+    m = MODELS["LLaMA3-15B"]
+    host = sum(i + o for i, o in alone.lengths) * m.kv_bytes_per_token() / 6
+    cm = planner.CostModel(m, HW["A10"], 4, host_kv_bytes=host)
+    a, b = (cm.estimate(Layout(pp=4), Layout(tp=4), w) for w in (shared, alone))
+    assert a.fits and b.fits and a.prefill_s < 0.5 * b.prefill_s and a.transitions < b.transitions
+
+
 def test_workload_from_jsonl(tmp_path):
     p = write_jsonl(tmp_path / "in.jsonl", [{"prompt_token_ids": [1] * 30, "max_tokens": 5},
                                            {"prompt": "x" * 400}, "not json",

@@ -125,8 +125,8 @@ def add_arguments(p) -> None:
     p.add_argument("--vllm-executor", default="mp", choices=["mp", "external_launcher"],
                    help="vllm backend: mp (vLLM spawns its ranks) or external_launcher (one per torchrun rank)")
     p.add_argument("--vllm-prefix-caching", action="store_true",
-                   help="vllm backend: turn its prefix caching on (off by default: our engine has none, and with "
-                        "--repeats it would skip the prefill of every run after the first)")
+                   help="vllm backend: turn its prefix caching on (reset before every repeat, as ours is); off "
+                        "by default, to compare with --no-prefix-caching or on workloads with nothing to share")
     p.add_argument("--vllm-python", default=None, help="vllm backend: the peer venv's python "
                    "(default .cache/peers/vllm/bin/python or $SEESAW_VLLM_PYTHON)")
 

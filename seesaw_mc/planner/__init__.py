@@ -9,8 +9,9 @@ from seesaw_mc.planner.hardware import (GLOO_LINK, HARDWARE_PRESETS, SHM_LINK, H
                                         measure_machine, resolve_hardware)
 from seesaw_mc.planner.models import MODEL_PRESETS, resolve_model
 from seesaw_mc.planner.ranking import auto_layouts, candidate_layouts, format_plan, plan
-from seesaw_mc.planner.workload import Workload, resolve_workload
+from seesaw_mc.planner.workload import Workload, resolve_workload, shared_prefix_tokens
 
 __all__ = ["CostModel", "Estimate", "paper_name", "GLOO_LINK", "HARDWARE_PRESETS", "SHM_LINK", "Hardware",
            "matmul_flops", "measure_machine", "resolve_hardware", "MODEL_PRESETS", "resolve_model", "auto_layouts",
-           "candidate_layouts", "format_plan", "plan", "Workload", "resolve_workload"]
+           "candidate_layouts", "format_plan", "plan", "Workload", "resolve_workload",
+           "shared_prefix_tokens"]

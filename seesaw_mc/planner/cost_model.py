@@ -109,7 +109,7 @@ class CostModel:
     # ---- phases ------------------------------------------------------------------------------
     def prefill_s(self, lay: Layout, wl: Workload, n_req: float) -> float:
         m, hw = self.m, self.hw
-        tokens = n_req * wl.mean_in
+        tokens = n_req * wl.unique_in  # a shared prefix is computed once
         sq = n_req * sum(i * i for i, _ in wl.lengths) / wl.n
         flops = 2 * m.layers * m.layer_params * tokens + 2 * m.layers * m.heads * m.head_dim * sq \
             + 2 * m.vocab * m.hidden * n_req  # the LM head only for each prompt's last token
@@ -124,7 +124,7 @@ class CostModel:
         return (compute + ar + send + reads) * (micro + lay.pp - 1) / micro
 
     def decode_batch(self, lay: Layout, wl: Workload, n_req: float) -> int:
-        ctx = wl.mean_in + wl.mean_out
+        ctx = wl.unique_in + wl.mean_out  # a shared prefix takes its blocks once
         return int(max(0, min(self.max_num_seqs, n_req, self.device_kv_tokens(lay) // max(ctx, 1))))
 
     def decode_step_s(self, lay: Layout, batch: float, ctx: float) -> float:
@@ -199,13 +199,14 @@ class CostModel:
             if est.host_kv_tokens < wl.mean_in + wl.mean_out:
                 est.why = "host KV tier smaller than one sequence"
                 return est
-            cycles = max(1, math.ceil(n_req * (wl.mean_in + wl.mean_out) / est.host_kv_tokens))
+            # The host tier counts unique blocks: a shared prefix is stored once.
+            cycles = max(1, math.ceil(n_req * (wl.unique_in + wl.mean_out) / est.host_kv_tokens))
             est.transitions = 2 * cycles - 1
             decode = self.decode_s(dec, wl, batch, cycles)
             est.transition_s = cycles * self.transition_s(dec) + (cycles - 1) * self.transition_s(pre)
             # KV crosses each device's host link once each way; it overlaps the compute
-            offload = n_req * wl.mean_in * m.kv_bytes_per_token(pre.tp, self.stage_layers(pre)) / hw.host_bw
-            swap_in = n_req * wl.mean_in * m.kv_bytes_per_token(dec.tp, self.stage_layers(dec)) / hw.host_bw
+            offload = n_req * wl.unique_in * m.kv_bytes_per_token(pre.tp, self.stage_layers(pre)) / hw.host_bw
+            swap_in = n_req * wl.unique_in * m.kv_bytes_per_token(dec.tp, self.stage_layers(dec)) / hw.host_bw
             prefill, decode = max(prefill, offload), max(decode, swap_in)
         est.fits = True
         est.prefill_s, est.decode_s = prefill, decode

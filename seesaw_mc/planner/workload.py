@@ -15,6 +15,14 @@ class Workload:
     name: str
     lengths: Tuple[Tuple[int, int], ...]
     """(input, output) tokens of each request."""
+    shared_in: float = 0.0
+    """Mean prompt tokens per request that a prefix shared with an earlier request holds (full
+    blocks): with prefix caching they are neither computed nor stored again (shared_prefix_tokens)."""
+
+    @property
+    def unique_in(self) -> float:
+        """Mean prompt tokens per request that are computed and stored."""
+        return self.mean_in - self.shared_in
 
     @property
     def n(self) -> int:
@@ -36,7 +44,14 @@ class Workload:
     def preset(cls, name: str, n: int = 500, scale: float = 1.0, seed: int = 0) -> "Workload":
         from seesaw_mc.workloads import length_pairs
 
-        return cls(f"{name}" + (f" x{scale:g}" if scale != 1 else ""), tuple(length_pairs(name, n, seed, scale)))
+        label = f"{name}" + (f" x{scale:g}" if scale != 1 else "")
+        if name == "prefix-shared":  # the only preset whose prompts share anything
+            from seesaw_mc.workloads import make_workload
+
+            reqs = make_workload(name, n, 1 << 15, seed, scale)
+            return cls(label, tuple((len(r.prompt_token_ids), r.output_len) for r in reqs),
+                       shared_prefix_tokens([r.prompt_token_ids for r in reqs]))
+        return cls(label, tuple(length_pairs(name, n, seed, scale)))
 
     @classmethod
     def from_jsonl(cls, path: str, default_max_tokens: int = 256) -> "Workload":
@@ -46,6 +61,7 @@ class Workload:
         from seesaw_mc.sampling_params import SamplingParams
 
         specs, _ = read_requests(path, SamplingParams(max_tokens=default_max_tokens), skip_invalid=True)
+        known = [r.prompt_token_ids for r in specs if r.prompt_token_ids is not None]
         pairs = []
         for r in specs:
             text = r.prompt if r.prompt is not None else \
@@ -54,7 +70,25 @@ class Workload:
             pairs.append((n_in, r.params.max_tokens or default_max_tokens))
         if not pairs:
             raise ConfigError(f"workload file {path!r} has no request lines")
-        return cls(os.path.basename(path), tuple(pairs))
+        return cls(os.path.basename(path), tuple(pairs), shared_prefix_tokens(known) * len(known) / len(pairs))
+
+
+def shared_prefix_tokens(prompts, block_size: int = 16) -> float:
+    """Mean tokens per prompt held by full blocks that an earlier prompt (in admission order:
+    core/prefix_order.py) starts with too, as the block manager would find them cached (no
+    eviction assumed). 0 for no prompts."""
+    from seesaw_mc.core.prefix_order import prefix_order
+
+    seen, shared = set(), 0
+    for i in prefix_order(prompts, block_size):
+        p = prompts[i]
+        for end in range(block_size, len(p), block_size):  # the block of the last token is its own
+            key = tuple(p[:end])
+            if key in seen:
+                shared += block_size
+            else:
+                seen.add(key)
+    return shared / len(prompts) if prompts else 0.0
 
 
 def resolve_workload(spec: str, num_prompts: int = 500, scale: float = 1.0) -> Workload:
@@ -64,4 +98,4 @@ def resolve_workload(spec: str, num_prompts: int = 500, scale: float = 1.0) -> W
         return Workload.preset(spec, num_prompts, scale)
     if os.path.isfile(spec):
         return Workload.from_jsonl(spec)
-    raise ConfigError(f"unknown workload {spec!r}: arxiv-like, sharegpt-like, random or a JSONL file")
+    raise ConfigError(f"unknown workload {spec!r}: arxiv-like, sharegpt-like, random, prefix-shared or a JSONL file")
