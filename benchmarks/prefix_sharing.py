@@ -22,6 +22,11 @@ sys.path.insert(0, os.path.join(HERE, "peers"))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
+def say(*args) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
+        print(*args, flush=True)
+
+
 def summary(runs) -> dict:
     return {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs}
 
@@ -29,6 +34,8 @@ def summary(runs) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
+    p.add_argument("--dataset-name", default="prefix-shared",
+                   help="seesaw_mc/workloads.py; another one measures what sharing costs where nothing is shared")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--length-scale", type=float, default=1.0, help="multiply every drawn length (CPU runs)")
     p.add_argument("--repeats", type=int, default=3)
@@ -42,7 +49,7 @@ def main(argv=None) -> int:
     from seesaw_mc.model_spec import load_model_args
     from seesaw_mc.workloads import make_workload
 
-    reqs = make_workload("prefix-shared", a.num_prompts, load_model_args(a.model).vocab_size,
+    reqs = make_workload(a.dataset_name, a.num_prompts, load_model_args(a.model).vocab_size,
                          scale=a.length_scale)
     n_out = sum(r.output_len for r in reqs)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
@@ -65,25 +72,26 @@ def main(argv=None) -> int:
             tps[on].append(n_out / dt)
             counters[on] = llm.engine.metrics(since=before)
             tokens[on] = [list(o.outputs[0].token_ids) for o in outs]
-            print(f"[seesaw, sharing {'on' if on else 'off'}] run {r + 1}: {n_out / dt:.2f} output tokens/s "
-                  f"({dt:.1f} s)", flush=True)
+            say(f"[seesaw, sharing {'on' if on else 'off'}] run {r + 1}: {n_out / dt:.2f} output tokens/s ({dt:.1f} s)")
     pc = counters[True]["prefix_cache"]
     rates = {t: pc[f"{t}_hit_blocks"] / max(pc[f"{t}_queried_blocks"], 1) for t in ("device", "host")}
     n_prompt = sum(len(r.prompt_token_ids) for r in reqs)
-    res = {"workload": {"name": "prefix-shared", "num_prompts": len(reqs), "length_scale": a.length_scale,
+    res = {"workload": {"name": a.dataset_name, "num_prompts": len(reqs), "length_scale": a.length_scale,
                         "prompt_tokens": n_prompt, "output_tokens": n_out},
            "layouts": a.layouts or "tp1", "threads": os.environ.get("OMP_NUM_THREADS"),
            "seesaw_sharing": summary(tps[True]), "seesaw_no_sharing": summary(tps[False]),
-           "prefix_cache": pc, "hit_rate": rates, "prefill_tokens_saved_share": pc["prefill_tokens_saved"] / n_prompt,
+           "prefix_cache": pc, "hit_rate": rates,
+           "swap": {"sharing": counters[True]["swap"], "no_sharing": counters[False]["swap"]},
+           "transitions": len(counters[True]["transitions"]), "prefill_tokens_saved_share": pc["prefill_tokens_saved"] / n_prompt,
            "identical_with_without": sum(x == y for x, y in zip(tokens[True], tokens[False]))}
     res["ratio_vs_no_sharing"] = res["seesaw_sharing"]["median"] / res["seesaw_no_sharing"]["median"]
-    print(f"sharing on: {res['seesaw_sharing']['median']:.2f} output tokens/s ({min(tps[True]):.2f}-"
-          f"{max(tps[True]):.2f}); off: {res['seesaw_no_sharing']['median']:.2f} ({min(tps[False]):.2f}-"
-          f"{max(tps[False]):.2f}); {res['ratio_vs_no_sharing']:.2f}x", flush=True)
-    print(f"hit rate: device {rates['device']:.1%}, host {rates['host']:.1%}; prompt tokens not computed "
-          f"{res['prefill_tokens_saved_share']:.1%}; identical with and without: "
-          f"{res['identical_with_without']}/{len(reqs)}", flush=True)
-    if not a.no_vllm and pre == dec:
+    say(f"sharing on: {res['seesaw_sharing']['median']:.2f} output tokens/s ({min(tps[True]):.2f}-"
+        f"{max(tps[True]):.2f}); off: {res['seesaw_no_sharing']['median']:.2f} ({min(tps[False]):.2f}-"
+        f"{max(tps[False]):.2f}); {res['ratio_vs_no_sharing']:.2f}x")
+    say(f"hit rate: device {rates['device']:.1%}, host {rates['host']:.1%}; prompt tokens not computed "
+        f"{res['prefill_tokens_saved_share']:.1%}; identical with and without: "
+        f"{res['identical_with_without']}/{len(reqs)}")
+    if not a.no_vllm and pre == dec and pre.world_size == 1:  # vLLM's own ranks: run it from one process
         import vllm_backend
 
         out = vllm_backend.run(reqs, a.model, pre.tp, pre.pp, "mp", "float32", 256, None, a.repeats,
@@ -93,10 +101,10 @@ def main(argv=None) -> int:
         res["vllm_version"] = out["vllm_version"]
         res["ratio_vs_vllm"] = res["seesaw_sharing"]["median"] / res["vllm_prefix_caching"]["median"]
         res["identical_with_vllm"] = sum(x == y for x, y in zip(tokens[True], out["token_ids"]))
-        print(f"[vllm, prefix caching on] {res['vllm_prefix_caching']['median']:.2f} output tokens/s "
-              f"({min(v):.2f}-{max(v):.2f}); ours {res['ratio_vs_vllm']:.2f}x; identical "
-              f"{res['identical_with_vllm']}/{len(reqs)}", flush=True)
-    if a.output_json:
+        say(f"[vllm, prefix caching on] {res['vllm_prefix_caching']['median']:.2f} output tokens/s "
+            f"({min(v):.2f}-{max(v):.2f}); ours {res['ratio_vs_vllm']:.2f}x; identical "
+            f"{res['identical_with_vllm']}/{len(reqs)}")
+    if a.output_json and int(os.environ.get("RANK", "0")) == 0:
         with open(a.output_json, "w") as f:
             json.dump(res, f, indent=1)
     return 0

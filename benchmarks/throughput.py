@@ -80,7 +80,7 @@ def run_seesaw(args, reqs) -> dict:
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, prefill_layout=pre,
               decode_layout=dec, num_host_blocks=args.num_host_blocks, num_device_blocks=args.num_device_blocks,
               allreduce=args.allreduce, kernels=args.kernels, gpu_memory_utilization=args.gpu_memory_utilization,
-              pipeline_depth=args.pipeline_depth)
+              pipeline_depth=args.pipeline_depth, enable_prefix_caching=not args.no_prefix_caching)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     # Process start to the first step's token: one request, one token.
@@ -112,7 +112,7 @@ def run_seesaw(args, reqs) -> dict:
         "transitions": len(trans), "transition_time_s": sum(t["total_s"] for t in trans),
         "transition_share": sum(t["total_s"] for t in trans) / sum(elapsed), "swap": m["swap"],
         "host_blocks": m["host_blocks"], "device_blocks": m["device_blocks"], "startup_s": startup,
-        "first_step_s": first_step, "page_faults_per_run": faults,
+        "first_step_s": first_step, "page_faults_per_run": faults, "prefix_cache": m["prefix_cache"],
         "token_ids": [list(o.outputs[0].token_ids) for o in outs]})
 
 
@@ -267,6 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-device-blocks", type=int, default=None, help="seesaw backend: device tier size (blocks)")
     p.add_argument("--pipeline-depth", type=int, default=None,
                    help="seesaw backend: steps in flight under pp (default: pp; 1: the pipeline drains every step)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="seesaw backend: no prefix sharing")
     p.add_argument("--kernels", default="auto", help="seesaw backend: auto | deepspeed | apex | torch (RMSNorm)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="seesaw backend on CUDA: share of GPU memory for weights and KV")

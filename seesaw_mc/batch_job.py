@@ -144,6 +144,7 @@ def _serve(a, eng, todo: List[RequestSpec], order: dict, t0: float) -> int:
 
     def finish():  # before this replica reports done: rank 0 reads its file next
         out.close()
+        counts.update(eng.metrics()["prefix_cache"])  # summed over the replicas below
         return counts
 
     t1 = time.perf_counter()
@@ -163,6 +164,12 @@ def _serve(a, eng, todo: List[RequestSpec], order: dict, t0: float) -> int:
     print(f"Throughput: {counts['requests'] / el:.2f} requests/s, {(counts['prompt'] + counts['completion']) / el:.2f} "
           f"total tokens/s, {counts['completion'] / el:.2f} output tokens/s "
           f"({counts['requests']} requests in {el:.1f} s; model load {t_load:.1f} s)", file=sys.stderr)
+    if counts.get("prefill_tokens_saved"):
+        rates = ", ".join(f"{t} {counts[f'{t}_hit_blocks'] / counts[f'{t}_queried_blocks']:.0%}"
+                          for t in ("device", "host") if counts[f"{t}_queried_blocks"])
+        print(f"Prefix cache: {counts['prefill_tokens_saved']} prompt tokens not computed "
+              f"({counts['prefill_tokens_saved'] / max(counts['prompt'], 1):.0%}); block hit rate {rates}",
+              file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The CLI: a JSONL batch job end to end, and one clear error line for every bad input."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,17 +45,22 @@ def test_generate_jsonl_end_to_end(tiny_models, tmp_path):
          "body": {"model": "tiny", "prompt": "paris london", "max_tokens": 7}},
         {"custom_id": "req-2", "method": "POST", "url": "/v1/chat/completions",
          "body": {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_completion_tokens": 3}},
+        # Two prompts that share two 16-token blocks: the second computes only its own tail.
+        {"id": "s1", "prompt_token_ids": list(range(3, 40)) + [50], "max_tokens": 3},
+        {"id": "s2", "prompt_token_ids": list(range(3, 40)) + [60, 61], "max_tokens": 3},
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     r = run_cli("generate", "--model", model, "--input", inp, "--output", str(out), "--ignore-eos")
     assert r.returncode == 0, r.stderr
     assert "Throughput:" in r.stderr and "requests/s" in r.stderr
+    saved = re.search(r"Prefix cache: (\d+) prompt tokens not computed", r.stderr)
+    assert saved and int(saved.group(1)) >= 32, r.stderr  # s2's (the chat template may share some too)
     recs = [json.loads(l) for l in out.read_text().splitlines()]
-    assert len(recs) == 5
+    assert len(recs) == 7
     plain = {rec["id"]: rec for rec in recs if "custom_id" not in rec}
     openai = {rec["custom_id"]: rec for rec in recs if "custom_id" in rec}
-    assert set(plain) == {"a", 2, "c"} and set(openai) == {"req-1", "req-2"}
+    assert set(plain) == {"a", 2, "c", "s1", "s2"} and set(openai) == {"req-1", "req-2"}
     assert len(plain["a"]["token_ids"]) == 6 and plain["a"]["finish_reason"] == "length"
     assert plain["a"]["usage"]["completion_tokens"] == 6
     body = openai["req-1"]["response"]["body"]

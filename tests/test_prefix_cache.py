@@ -277,3 +277,26 @@ def test_no_prefix_caching_flag():
     add_engine_args(p)
     assert engine_kwargs(p.parse_args(["--model", "m"]))["enable_prefix_caching"] is True
     assert engine_kwargs(p.parse_args(["--model", "m", "--no-prefix-caching"]))["enable_prefix_caching"] is False
+
+
+def test_a_decode_phase_copies_a_shared_prefix_in_once():
+    bs = 4
+    prefix = list(range(48))  # 12 blocks
+    dev = BlockManager(64, bs, enable_caching=True)
+    host = BlockManager(64, bs, table="host_block_table", enable_caching=True)
+    sched = SeesawScheduler(dev, host, max_num_seqs=16, max_num_batched_tokens=4096)
+    seqs = [Sequence(i, 0, prefix + [100 + i], P(), seed=0) for i in range(10)]
+    max_new = {i: 3 for i in range(10)}
+    copied_in = []
+    sched.stop_check = lambda s, tok: s.num_output_tokens >= max_new[s.request_id]
+    for s in seqs:
+        sched.add(s)
+    while sched.has_unfinished():
+        out = sched.schedule()
+        if out.phase is Phase.DECODE:
+            copied_in += out.copy_pairs("swap_in") + out.copy_pairs("prefetch")
+        sched.update_from_output(out, RunnerOutput([1] * len(out.seqs), [None] * len(out.seqs)))
+    # One decode phase: the prefix's 12 blocks once, then each sequence's own last block.
+    assert sched.num_transitions == 1
+    assert len(copied_in) == 12 + 10
+    assert_empty(dev, host)

@@ -19,7 +19,7 @@ def seq(n, rid=None):
 
 
 def test_no_torch_import():
-    code = ("import sys; import seesaw_mc.core.scheduler, seesaw_mc.core.seesaw_policy, seesaw_mc.core.step_plan, seesaw_mc.core.block_manager, seesaw_mc.config, "
+    code = ("import sys; import seesaw_mc.core.scheduler, seesaw_mc.core.seesaw_policy, seesaw_mc.core.step_plan, seesaw_mc.core.block_manager, seesaw_mc.core.prefix_order, seesaw_mc.config, "
             "seesaw_mc.inputs, seesaw_mc.sampling_params; "
             "bad = [m for m in ('torch', 'numpy', 'megatron') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
