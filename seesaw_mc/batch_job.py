@@ -144,7 +144,8 @@ def _serve(a, eng, todo: List[RequestSpec], order: dict, t0: float) -> int:
 
     def finish():  # before this replica reports done: rank 0 reads its file next
         out.close()
-        counts.update(eng.metrics()["prefix_cache"])  # summed over the replicas below
+        m = eng.metrics()  # summed over the replicas below
+        counts.update(m["prefix_cache"], prefill_tokens=m["engine"]["prefill_tokens"])
         return counts
 
     t1 = time.perf_counter()
@@ -167,9 +168,9 @@ def _serve(a, eng, todo: List[RequestSpec], order: dict, t0: float) -> int:
     if counts.get("prefill_tokens_saved"):
         rates = ", ".join(f"{t} {counts[f'{t}_hit_blocks'] / counts[f'{t}_queried_blocks']:.0%}"
                           for t in ("device", "host") if counts[f"{t}_queried_blocks"])
-        print(f"Prefix cache: {counts['prefill_tokens_saved']} prompt tokens not computed "
-              f"({counts['prefill_tokens_saved'] / max(counts['prompt'], 1):.0%}); block hit rate {rates}",
-              file=sys.stderr)
+        saved = counts["prefill_tokens_saved"]  # recomputes after preemption count in both
+        print(f"Prefix cache: {saved} prompt tokens not computed, {saved / (saved + counts['prefill_tokens']):.0%} "
+              f"of the prefills'; block hit rate {rates}", file=sys.stderr)
     return 0
 
 

@@ -111,6 +111,29 @@ def test_prefill_matches_gathered_sdpa(backend, head_major, cached):
     assert (out - ref).abs().max().item() < FP32_BOUND
 
 
+@pytest.mark.parametrize("backend,head_major", LAYOUTS)
+@pytest.mark.parametrize("decode", [True, False])
+def test_shared_prefix_blocks(backend, head_major, decode):
+    """Issue 18: sequences whose tables start with the same blocks (a shared prefix) each see
+    them, and only their own blocks after them; a prefill may also reuse a prefix that another
+    sequence of the same step writes."""
+    k_cache, v_cache = make_cache(40, 4, 64, head_major=head_major)
+    own = shuffled_tables([48, 40, 70, 20], 40, seed=5)
+    tables = [own[0][:3]] + [own[0][:3] + t for t in own[1:]]  # 3 shared blocks, then their own
+    lens = [48, 48 + 40, 48 + 70, 33]
+    tables[3] = own[0][:2] + own[3]  # shares 2 of the 3
+    if decode:
+        query_lens, ctx = [1] * 4, lens
+        meta = A.decode_metadata(tables, lens, BS, "cpu")
+    else:
+        query_lens, ctx = [48, 40, 70, 1], lens
+        meta = A.prefill_metadata(tables, query_lens, [0, 48, 48, 32], BS, "cpu")
+    q, k, v = new_tokens(sum(query_lens), 8, 4, 64)
+    out = run_step(backend, meta, q, k, v, k_cache, v_cache, 0.125)
+    ref = reference(q, k_cache, v_cache, tables, query_lens, ctx, 0.125)
+    assert (out - ref).abs().max().item() < FP32_BOUND
+
+
 @pytest.mark.parametrize("head_major", [True, False])
 def test_write_kv_lands_in_its_slot(head_major):
     """Each token's K/V is found at [block, offset] of its slot, in either layout, and nothing

@@ -1,10 +1,13 @@
 """Prefix sharing in the block managers and both schedulers (pure Python, no torch).
 
 A simulated runner keeps what every KV slot of both tiers holds (the token prefix whose KV it
-is), makes every copy the scheduler asks for, and wipes the device tier at each layout switch
-(the other layout reads its memory differently). Every read a step makes is checked: a shared
-block that held the wrong KV, or a block rewritten while another sequence still reads it,
-fails here before it could change a token.
+is) and makes every copy the scheduler asks for, as late as the real runner may: a background
+copy (offload, prefetch) reads its source only when a step waits for its ticket, or at a layout
+switch, which drains them all. At a switch it also gives the pages of `release_host` back (their
+slots read as nothing) and wipes the device tier (the other layout reads its memory
+differently). Every read a step makes is checked: a shared block that held the wrong KV, a
+block rewritten before a copy read it, or a released page still in use, fails here before it
+could change a token.
 """
 import random
 from collections import deque
@@ -37,6 +40,7 @@ class SlotRunner:
         self.host = {}
         self.phase = None
         self.reads = 0
+        self.pending = {}  # ticket -> background copies not made yet
 
     def _copy(self, pairs, src, dst, to_device):
         for d, h in pairs:
@@ -54,10 +58,21 @@ class SlotRunner:
         for p in range(start, end):
             self.device[seq.block_table[p // self.bs] * self.bs + p % self.bs] = kv(seq.token_ids, p)
 
+    def _finish(self, ticket):
+        for pairs, to_device in self.pending.pop(ticket, []):
+            self._copy(pairs, *((self.host, self.device) if to_device else (self.device, self.host)), to_device)
+
     def run(self, out):
+        for t in out.wait_for:
+            self._finish(t)
         self._copy(out.copy_pairs("swap_out"), self.device, self.host, to_device=False)
         if out.seqs and out.phase is not self.phase:  # a layout switch: the device tier means something else
             if self.phase is not None and self.switching:
+                for t in list(self.pending):  # the switch drains every copy first
+                    self._finish(t)
+                for first, n in out.release_host:
+                    for slot in range(first * self.bs, (first + n) * self.bs):
+                        self.host.pop(slot, None)
                 self.device = {s: ("other layout", v) for s, v in self.device.items()}
             self.phase = out.phase
         self._copy(out.copy_pairs("swap_in"), self.host, self.device, to_device=True)
@@ -70,8 +85,10 @@ class SlotRunner:
                 self._check(s, len(s) - 1)
             for s in out.seqs:
                 self._write(s, len(s) - 1, len(s))
-        self._copy(out.copy_pairs("prefetch"), self.host, self.device, to_device=True)
-        self._copy(out.copy_pairs("offload"), self.device, self.host, to_device=False)
+        for kind, to_device in (("prefetch", True), ("offload", False)):
+            ticket = getattr(out, f"{kind}_ticket")
+            if ticket is not None:
+                self.pending.setdefault(ticket, []).append((out.copy_pairs(kind), to_device))
         return RunnerOutput([self.rng.randrange(50) for _ in out.seqs], [None] * len(out.seqs))
 
 

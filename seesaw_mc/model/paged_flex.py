@@ -4,9 +4,11 @@ K and V are the whole cache seen as one sequence of num_blocks * block_size slot
 [1, kv_heads, slots, head_dim] views with no copy. Which slots a query may see is said twice:
   - the BlockMask lists, per tile of queries, the 128-slot chunks of the cache that hold any of
     its sequences' blocks, so the kernel visits only those;
-  - the mask_mod is exact: slot -> its block -> (owner sequence, logical block), and the slot is
-    visible when the owner is the query's sequence and its logical position is at most the
-    query's (causal; a cached prefix is just context longer than the queries).
+  - the mask_mod is exact: slot -> its block -> its logical index, and the slot is visible when
+    the query's sequence has that block at that index in its table and the slot's logical
+    position is at most the query's (causal; a cached prefix is just context longer than the
+    queries). A block that sequences share (prefix sharing) is a common prefix, so it has the
+    same logical index in every table that holds it.
 Decode runs batched (query batch = sequences, one query each, K/V broadcast over the batch), so
 each sequence's tile lists only its own chunks; prefill runs packed (batch 1, all prompt tokens).
 
@@ -14,9 +16,7 @@ Facts it leans on (torch 2.13): flex_attention accepts a query batch larger than
 BlockMask has the query's batch; the kernels may evaluate mask_mod past the real lengths, so
 every table the mask_mod indexes is padded with entries that mask everything. Nothing here
 was run on a GPU yet (this host has none); on CPU the same construction is checked against
-SDPA through eager flex_attention (tests/test_paged_attention.py).
-A block that two sequences share (prefix sharing, not done yet) would need a per-sequence
-physical -> logical table instead of `owner`.
+SDPA through eager flex_attention (tests/test_paged_attention.py), shared blocks included.
 """
 from __future__ import annotations
 
@@ -59,19 +59,23 @@ def _flex(compiled: bool):
 
 
 def _page_maps(meta, num_blocks: int):
-    """owner[block] (sequence index, -1 for none) and logical[block], padded past the cache's
-    last chunk so that any slot index the kernel may form is in range."""
+    """logical[block] (its index in the tables that hold it), padded past the cache's last chunk
+    so that any slot index the kernel may form is in range; tables [S + 1, W], each sequence's
+    blocks and -1 past them, with a last row of -1 for the padded query rows (sequence -1)."""
     bt, _, ctx = meta.paged_tensors()
     bs, dev = meta.block_size, bt.device
     s, w = bt.shape
     padded = -(-num_blocks * bs // CHUNK) * CHUNK // bs + 1
     used = torch.arange(w, device=dev)[None, :] < ((ctx + bs - 1) // bs)[:, None]
     ids = bt[used].long()
-    owner = torch.full((padded,), -1, dtype=torch.int32, device=dev)
+    index = torch.arange(w, dtype=torch.int32, device=dev)[None, :].expand(s, w)[used]
     logical = torch.zeros(padded, dtype=torch.int32, device=dev)
-    owner[ids] = torch.arange(s, dtype=torch.int32, device=dev)[:, None].expand(s, w)[used]
-    logical[ids] = torch.arange(w, dtype=torch.int32, device=dev)[None, :].expand(s, w)[used]
-    return owner, logical, used
+    logical[ids] = index
+    if not torch.equal(logical[ids], index):
+        raise ValueError("a KV block shared at different positions of two sequences (only common prefixes are shared)")
+    tables = torch.full((s + 1, w), -1, dtype=torch.int32, device=dev)
+    tables[:s] = torch.where(used, bt, -1)
+    return logical, tables, used
 
 
 def _seq_chunks(meta, used: torch.Tensor, num_chunks: int) -> torch.Tensor:
@@ -95,7 +99,7 @@ def build_block_mask(meta, num_blocks: int):
     bs, dev = meta.block_size, meta.device
     slots = num_blocks * bs
     num_chunks = -(-slots // CHUNK)
-    owner, logical, used = _page_maps(meta, num_blocks)
+    logical, tables, used = _page_maps(meta, num_blocks)
     seq_chunks = _seq_chunks(meta, used, num_chunks)
     q_lens = torch.tensor(meta.query_lens, device=dev)
     t = int(q_lens.sum())
@@ -109,7 +113,8 @@ def build_block_mask(meta, num_blocks: int):
     def mask_mod(b, h, q_idx, kv_idx):
         r = b + q_idx
         blk = kv_idx // bs
-        return (owner[blk] == q_seq[r]) & (logical[blk] * bs + kv_idx % bs <= q_pos[r])
+        pos = logical[blk]
+        return (tables[q_seq[r], pos] == blk) & (pos * bs + kv_idx % bs <= q_pos[r])
 
     if meta.is_prefill:
         tiles = -(-t // CHUNK)
