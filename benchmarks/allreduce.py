@@ -75,6 +75,7 @@ def engine_run(model: str, layouts: str, allreduce: str, reqs, max_num_seqs: int
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    llm.reset_prefix_cache()  # the timed run computes every prompt whole
     llm.engine.stats.__init__()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -65,6 +65,7 @@ def main() -> None:
         for r in range(args.repeats):
             order = list(llms) if r % 2 == 0 else list(llms)[::-1]
             for n in order:
+                llms[n].reset_prefix_cache()  # a repeat must not find its prompts cached
                 t = time.perf_counter()
                 outs = llms[n].generate(prompts, params, use_tqdm=False)
                 rates[n].append(n_out / (time.perf_counter() - t))

@@ -94,7 +94,9 @@ def engine_greedy(llm, prompts: List[List[int]], max_tokens: int, ignore_eos: bo
 
 
 def timed_generate(llm, prompts: List[List[int]], max_tokens: int) -> tuple:
-    """(wall seconds, the engine's metrics for just this call) of one greedy run with ignore_eos."""
+    """(wall seconds, the engine's metrics for just this call) of one greedy run with ignore_eos,
+    every prompt computed whole (the prefix cache is reset: a repeat must not find its prompts cached)."""
+    llm.reset_prefix_cache()
     before = llm.engine.metrics()
     t0 = time.perf_counter()
     engine_greedy(llm, prompts, max_tokens, ignore_eos=True)
