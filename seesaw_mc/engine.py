@@ -153,9 +153,10 @@ class LLMEngine:
         """Prefix sharing so far: prompt tokens not computed, and per tier the full blocks looked
         up at allocation and those found cached (hit rate = hit / queried)."""
         rec = {"prefill_tokens_saved": self.scheduler.prefill_tokens_saved}
-        for name, bm in (("device", self.scheduler.bm), ("host", getattr(self.scheduler, "host", None))):
-            rec[f"{name}_queried_blocks"] = bm.queried_blocks if bm is not None else 0
-            rec[f"{name}_hit_blocks"] = bm.hit_blocks if bm is not None else 0
+        tiers = self.scheduler.tiers
+        for name in ("device", "host"):  # both keys always: metrics(since=...) subtracts them
+            rec[f"{name}_queried_blocks"] = tiers[name].queried_blocks if name in tiers else 0
+            rec[f"{name}_hit_blocks"] = tiers[name].hit_blocks if name in tiers else 0
         return rec
 
     def reset_prefix_cache(self) -> bool:
@@ -163,9 +164,8 @@ class LLMEngine:
         benchmark's repeat of the same requests computes them again. False while requests run."""
         if self.has_unfinished_requests():
             return False
-        for bm in (self.scheduler.bm, getattr(self.scheduler, "host", None)):
-            if bm is not None:
-                bm.drop_cache()
+        for bm in self.scheduler.tiers.values():
+            bm.drop_cache()
         return True
 
     # -- requests ---------------------------------------------------------------------
@@ -239,7 +239,7 @@ class LLMEngine:
         return finished
 
     def _record_step(self, out, dt: float) -> None:
-        host = getattr(self.scheduler, "host", None)
+        host = self.scheduler.tiers.get("host")
         self.stats.timeline.append((time.time() - dt, dt, out.phase.value, len(out.seqs), self.scheduler.bm.usage,
                                     host.usage if host is not None else 0.0))
         self.stats.steps[out.phase.value] += 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from seesaw_mc.core.block_manager import BlockManager, blocks_needed
 from seesaw_mc.core.sequence import Sequence, SequenceStatus
@@ -95,6 +95,11 @@ class Scheduler:
         """Under pipeline parallelism the engine keeps up to pp steps in flight, and decode takes
         1/decode_groups of the running sequences per step: each group's next step can start as
         soon as its own tokens are back, so no stage waits for the last (vLLM's virtual engines)."""
+
+    @property
+    def tiers(self) -> Dict[str, BlockManager]:
+        """This scheduler's KV tiers by name."""
+        return {"device": self.bm}
 
     def add(self, seq: Sequence) -> None:
         need = blocks_needed(len(seq) + 1, self.bm.block_size)

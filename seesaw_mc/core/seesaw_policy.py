@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Deque, List, Optional
+from typing import Deque, Dict, List, Optional
 
 from seesaw_mc.core.block_manager import BlockManager, blocks_needed
 from seesaw_mc.core.scheduler import Phase, Scheduler, SchedulerOutput
@@ -56,6 +56,10 @@ class SeesawScheduler(Scheduler):
         self._in_flight: List[int] = []  # tickets of background copies no step has waited for yet
         self._last_offload: Optional[int] = None  # the last prefill step's offload ticket
         self._updating: Optional[SchedulerOutput] = None  # the step update_from_output reports
+
+    @property
+    def tiers(self) -> Dict[str, BlockManager]:
+        return {"device": self.bm, "host": self.host}
 
     def add(self, seq: Sequence) -> None:
         need = blocks_needed(len(seq) + 1, self.bm.block_size)

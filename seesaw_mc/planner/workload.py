@@ -74,21 +74,21 @@ class Workload:
 
 
 def shared_prefix_tokens(prompts, block_size: int = 16) -> float:
-    """Mean tokens per prompt held by full blocks that an earlier prompt (in admission order:
-    core/prefix_order.py) starts with too, as the block manager would find them cached (no
-    eviction assumed). 0 for no prompts."""
+    """Mean tokens per prompt that the engine's block manager would find cached, the prompts
+    admitted in its order (core/prefix_order.py) into a tier large enough that nothing is
+    evicted. 0 for no prompts."""
+    from seesaw_mc.core.block_manager import BlockManager, blocks_needed
     from seesaw_mc.core.prefix_order import prefix_order
+    from seesaw_mc.core.sequence import Sequence
 
-    seen, shared = set(), 0
+    if not prompts:
+        return 0.0
+    bm = BlockManager(sum(blocks_needed(len(p), block_size) for p in prompts) or 1, block_size, enable_caching=True)
     for i in prefix_order(prompts, block_size):
-        p = prompts[i]
-        for end in range(block_size, len(p), block_size):  # the block of the last token is its own
-            key = tuple(p[:end])
-            if key in seen:
-                shared += block_size
-            else:
-                seen.add(key)
-    return shared / len(prompts) if prompts else 0.0
+        seq = Sequence(None, 0, prompts[i], None, seed=0)
+        bm.allocate(seq)
+        bm.free(seq)  # its blocks stay cached
+    return bm.hit_blocks * block_size / len(prompts)
 
 
 def resolve_workload(spec: str, num_prompts: int = 500, scale: float = 1.0) -> Workload:
