@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -41,10 +42,27 @@ def auto_layouts(a, specs) -> str:
     if world == 1:
         return "tp1"
     mc.init_distributed(timeout_s=a.collective_timeout)
-    return on_rank0(lambda: _plan(a, specs, world))
+    link = _measure_link(a, world)
+    return on_rank0(lambda: _plan(a, specs, world, link))
 
 
-def _plan(a, specs, world: int) -> str:
+def _measure_link(a, world: int):
+    """The launched ranks' all-reduce rate and latency, timed on the spot (every rank takes part),
+    unless the planner is told them, assumes a preset's, or the ranks share a node's memory."""
+    from seesaw_mc.config import AllReduce
+    from seesaw_mc.parallel import megatron_adapter as mc
+    from seesaw_mc.parallel.deepspeed_ops import choose_allreduce
+    from seesaw_mc.planner import measure_link
+
+    if a.plan_hardware not in ("measured", "this-machine", "cpu") or a.link_mbit or a.link_latency_us is not None:
+        return None
+    local = mc.local_world_size(world)
+    if choose_allreduce(a.allreduce, mc.HAS_CUDA, world, local, (world,)) is AllReduce.DEEPSPEED_SHM:
+        return None
+    return measure_link()
+
+
+def _plan(a, specs, world: int, link=None) -> str:
     from seesaw_mc import planner
     from seesaw_mc.config import AllReduce
     from seesaw_mc.parallel import megatron_adapter as mc
@@ -59,12 +77,15 @@ def _plan(a, specs, world: int) -> str:
     local = mc.local_world_size(world)
     shm = choose_allreduce(a.allreduce, mc.HAS_CUDA, world, local, (world,)) is AllReduce.DEEPSPEED_SHM
     hw = hardware_from_args(a, a.plan_hardware, world, shm_link=shm)
+    if link:
+        hw = dataclasses.replace(hw, link_bw=link[0], link_latency=link[1])
     pre, dec, ests = planner.auto_layouts(a.model, world, wl, hw, max_num_seqs=a.max_num_seqs)
     if pre != dec and pre.tp * pre.pp > local:  # a pair needs each replica on one node
         ests = [e for e in ests if e.fits and e.prefill == e.decode]
         pre, dec = ests[0].prefill, ests[0].decode
     best = ests[0]
     nxt = ", ".join(f"{e.label} {e.tokens_per_s / best.tokens_per_s:.2f}x" for e in ests[1:3] if e.fits)
+    measured = f", link measured {link[0] * 8 / 1e6:.0f} Mbit/s, {link[1] * 1e6:.0f} us per hop" if link else ""
     print(f"layouts auto: {best.label} on {world} x {hw.name} for {wl.n} requests (mean input "
-          f"{wl.mean_in:.0f}, output {wl.mean_out:.0f}); next: {nxt}", file=sys.stderr)
+          f"{wl.mean_in:.0f}, output {wl.mean_out:.0f}{measured}); next: {nxt}", file=sys.stderr)
     return f"{pre}->{dec}"

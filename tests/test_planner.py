@@ -3,6 +3,7 @@ parameter counts, the paper's layouts), its behaviour when a link gets slower, a
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 
@@ -224,10 +225,14 @@ def test_generate_layouts_auto(tiny_models, tmp_path):
     r = run_cli("generate", "--model", model, "--input", inp, "--output", str(ref), "--ignore-eos", "--no-tqdm")
     assert r.returncode == 0, r.stderr
     r = run_cli("generate", "--model", model, "--input", inp, "--output", str(out), "--ignore-eos", "--no-tqdm",
-                "--layouts", "auto", "--nproc-per-node", "2", "--metrics-json", str(tmp_path / "m.json"))
+                "--layouts", "auto", "--nproc-per-node", "2", "--allreduce", "gloo",
+                "--metrics-json", str(tmp_path / "m.json"))
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stderr.splitlines() if ln.startswith("layouts auto: "))
     assert "2 x this machine" in line and "for 6 requests" in line
+    # over gloo the planner times the ranks' own link instead of assuming loopback's
+    m = re.search(r"link measured (\d+) Mbit/s, (\d+) us per hop", line)
+    assert m and int(m.group(1)) > 0, line
     chosen = line.split()[2]
     assert chosen in {"D2", "T2", "P2", "P2->T2", "T2->P2"}
     strip = lambda p: sorted((rec["id"], rec["token_ids"]) for rec in map(json.loads, p.read_text().splitlines()))  # noqa

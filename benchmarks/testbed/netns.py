@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import os
 import signal
 import subprocess
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -129,16 +130,49 @@ class Testbed:
                     NCCL_SOCKET_IFNAME=self.ifname(i), SEESAW_SINGLE_HOST="1",
                     RDZV_ID=f"{self.tag}-{master_port}")
 
-    def run(self, cmd: List[str], master_port: int = 29555, nproc: int = 1, timeout: float = 1800) -> List[subprocess.CompletedProcess]:
-        """Run `cmd` on every host at once; returns each host's completed process."""
-        procs = [subprocess.Popen(["ip", "netns", "exec", ns, *cmd], env=self.env(i, master_port, nproc),
+    def counters(self) -> List[dict]:
+        """Bytes each host's interface has sent and received so far ({"tx": n, "rx": n} per host):
+        what crossed the rate-limited links, whatever protocol carried it."""
+        out = []
+        for i, ns in enumerate(self.hosts):
+            stats = json.loads(sh("ip", "-n", ns, "-j", "-s", "link", "show", "dev", self.ifname(i)).stdout)[0]
+            s64 = stats.get("stats64", stats.get("stats"))
+            out.append({"tx": int(s64["tx"]["bytes"]), "rx": int(s64["rx"]["bytes"])})
+        return out
+
+    def run(self, cmd, master_port: int = 29555, nproc: int = 1, timeout: float = 1800,
+            host_env: Optional[Callable[[int], dict]] = None, primary: Optional[int] = None
+            ) -> List[subprocess.CompletedProcess]:
+        """Run `cmd` (one list for all hosts, or one per host) on every host at once; returns each host's
+        completed process. `host_env(i)` adds or overrides variables for host i. With `primary`, the job
+        is done when that host's command ends: the others (servers that never end on their own) are then
+        stopped, and count as having succeeded."""
+        cmds = cmd if cmd and isinstance(cmd[0], list) else [cmd] * self.n
+
+        def env(i):
+            e = self.env(i, master_port, nproc)
+            e.update(host_env(i) if host_env else {})
+            return e
+
+        procs = [subprocess.Popen(["ip", "netns", "exec", ns, *cmds[i]], env=env(i),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i, ns in enumerate(self.hosts)]
-        out = []
+        out = [None] * self.n
+        order = [primary] + [i for i in range(self.n) if i != primary] if primary is not None else range(self.n)
         try:
-            for p in procs:
+            for i in order:
+                p = procs[i]
+                if primary is not None and i != primary:
+                    p.terminate()
+                    try:
+                        o, e = p.communicate(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        o, e = p.communicate()
+                    out[i] = subprocess.CompletedProcess(p.args, 0, o, e)
+                    continue
                 o, e = p.communicate(timeout=timeout)
-                out.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
+                out[i] = subprocess.CompletedProcess(p.args, p.returncode, o, e)
         finally:
             for p in procs:
                 if p.poll() is None:

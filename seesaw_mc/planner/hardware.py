@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from seesaw_mc.errors import ConfigError
 
@@ -110,6 +110,36 @@ def measure_machine(threads: int = 1, ranks: int = 1, link_bw: Optional[float] =
                     link_latency=link_latency if link_latency is not None else GLOO_LINK[1],
                     host_bw=bw, host_mem_bytes=avail, mfu=1.0, mem_util=0.9, gpus_per_node=max(1, ranks),
                     host_kv_fraction=0.25, transition_overhead_s=0.02)
+
+
+def measure_link(group=None, calls: int = 10, big_bytes: int = 2 ** 20) -> Tuple[float, float]:
+    """(bytes/s, seconds per hop) of the all-reduce between the ranks of `group` (default: all),
+    timed on the spot in the terms of CostModel.allreduce_s: a 4-byte all-reduce costs 2(n-1)
+    hops, a big one adds 2(n-1)/n of its bytes over the rate. Collective: every rank calls it;
+    the figures are this rank's (median of `calls` small ones, best of 3 big ones)."""
+    import torch
+    import torch.distributed as dist
+
+    n = dist.get_world_size(group)
+    if n <= 1:
+        return GLOO_LINK
+    small, big = torch.zeros(1), torch.zeros(big_bytes // 4)
+    for _ in range(3):
+        dist.all_reduce(small, group=group)
+    ts = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        dist.all_reduce(small, group=group)
+        ts.append(time.perf_counter() - t)
+    hop = sorted(ts)[len(ts) // 2] / (2 * (n - 1))
+    dist.all_reduce(big, group=group)
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        dist.all_reduce(big, group=group)
+        best = min(best, time.perf_counter() - t)
+    wire = max(best - 2 * (n - 1) * hop, 1e-9)
+    return 2 * (n - 1) / n * big_bytes / wire, hop
 
 
 def resolve_hardware(spec: str, world: int, threads: int = 1, **measured_kw) -> Hardware:

@@ -1,0 +1,86 @@
+"""The test bed sweep's arithmetic and the vLLM peer's network-only patch, without a test bed:
+the link volume each layout must send, the names auto's choices map to, the regime labels, and
+that benchmarks/peers/no_shm turns vLLM's shared-memory check off (on a stand-in module)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "testbed"))
+import sweep  # noqa: E402
+
+from seesaw_mc.config import Layout  # noqa: E402
+from seesaw_mc.model_spec import ModelShape  # noqa: E402
+
+M = ModelShape(name="t", layers=4, hidden=2048, ffn=5632, heads=16, kv_heads=16, vocab=8192, dtype_bytes=4)
+
+
+def test_expected_bytes_per_layout():
+    tp2, pp2 = Layout.parse("tp2"), Layout.parse("pp2")
+    act = 2048 * 4
+    # TP2: the embedding's and 2 per layer, a ring all-reduce of N bytes sends N from each of 2 hosts
+    assert sweep.expected_bytes(M, tp2, tp2, 100, 0) == 100 * 9 * act * 2
+    # PP2: each token's activations once to the next stage
+    assert sweep.expected_bytes(M, pp2, pp2, 100, 10) == 110 * act
+    # a pair: prompts in its prefill layout, generated tokens in its decode layout
+    assert sweep.expected_bytes(M, pp2, tp2, 100, 10) == 100 * act + 10 * 9 * act * 2
+    assert sweep.expected_bytes(M, Layout.parse("dp2"), Layout.parse("dp2"), 100, 10) == 0
+
+
+@pytest.mark.parametrize("line,rec,want", [
+    ("tp2", {}, ("tp2", "tp2")),
+    ("vllm pp2", {}, ("pp2", "pp2")),
+    ("P2->T2", {}, ("pp2", "tp2")),
+    ("auto", {"auto": "P2->T2"}, ("pp2", "tp2")),
+    ("auto", {"auto": "D2"}, ("dp2", "dp2")),
+])
+def test_line_layouts(line, rec, want):
+    assert sweep.line_layouts(line, rec) == tuple(Layout.parse(x) for x in want)
+
+
+def test_line_layouts_of_an_unknown_auto_choice_is_none():
+    assert sweep.line_layouts("auto", {}) is None
+
+
+def test_regime_labels():
+    a10 = {"decode_bw": 0.1, "decode_lat": 0.1, "prefill_bw": 0.1, "prefill_lat": 0.01}
+    lat = sweep.regime_label({"decode_bw": 0.05, "decode_lat": 0.3, "prefill_bw": 0.2, "prefill_lat": 0.0}, a10)
+    assert lat.startswith("latency-bound") and "lat 3.0" in lat and "prefill bw 2.0" in lat
+    assert sweep.regime_label({"decode_bw": 0.4, "decode_lat": 0.1, "prefill_bw": 0.1, "prefill_lat": 0}, a10) \
+        .startswith("bandwidth-bound")
+    assert sweep.regime_label({"decode_bw": 0.01, "decode_lat": 0.01, "prefill_bw": 0.1, "prefill_lat": 0}, a10) \
+        .startswith("compute-bound")
+
+
+def test_regime_grows_with_a_slower_link():
+    hw = sweep.planner.HARDWARE_PRESETS["A10"]
+    slow = sweep.dataclasses.replace(hw, link_bw=hw.link_bw / 10)
+    fast, slowr = sweep.regime(M, hw, 32, 2048), sweep.regime(M, slow, 32, 2048)
+    assert slowr["decode_bw"] == pytest.approx(10 * fast["decode_bw"])
+    assert slowr["decode_lat"] == pytest.approx(fast["decode_lat"])
+
+
+def test_no_shm_patch_answers_no(tmp_path):
+    """The patch replaces vLLM's "do all ranks share one segment name" check when (and only when)
+    vLLM imports its CPU communicator: a stand-in module of that name shows it."""
+    pkg = tmp_path / "vllm" / "distributed" / "device_communicators"
+    pkg.mkdir(parents=True)
+    for d in (tmp_path / "vllm", tmp_path / "vllm" / "distributed", pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "cpu_communicator.py").write_text(textwrap.dedent("""
+        class CpuCommunicator:
+            def _all_group_ranks_share_shm_group_name(self):
+                return True
+    """))
+    code = ("from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator as C; "
+            "print(C()._all_group_ranks_share_shm_group_name())")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "benchmarks", "peers", "no_shm"),
+                                                       str(tmp_path)]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip() == "False", out.stderr
+    env["PYTHONPATH"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip() == "True", out.stderr
