@@ -51,11 +51,25 @@ sys.path.insert(0, {os.path.join(ROOT, 'benchmarks', 'testbed')!r})
 import netns
 with netns.Testbed(2, rate_mbit=50, tag={tag!r}) as tb:
     print("up", flush=True)
-    tb.run(["sleep", "60"])
+    tb.run(["sh", "-c", "sleep 61 & sleep 60"])  # the background sleep outlives its shell
 """], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "up"
     assert len(namespaces(tag)) == 3
     time.sleep(0.5)
+    sleepers = [pid for ns in namespaces(tag) for pid in
+                subprocess.run(["ip", "netns", "pids", ns.split()[0]], capture_output=True, text=True).stdout.split()]
+    assert sleepers
     p.send_signal(signal.SIGINT)
     p.wait(timeout=30)
     assert namespaces(tag) == []
+    # what ran in the hosts went with them
+    assert not any(alive(pid) for pid in sleepers)
+
+
+def alive(pid: str) -> bool:
+    """Running, or stopped: not gone and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(ln.startswith("State:") and "Z" in ln.split()[1] for ln in f)
+    except FileNotFoundError:
+        return False

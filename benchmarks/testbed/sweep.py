@@ -16,23 +16,24 @@ the same synthetic requests; min/median/max over --repeats runs. The planner
 (seesaw_mc/planner/) ranks the same layouts for each rate, and the table says how many of its
 top 3 are the measured top 3.
 
-vLLM's CPU build runs on the same test bed, the same requests and the same cores (`--vllm-layouts`,
-default tp2,pp2; needs the peer venv, `make peers`): one vLLM rank per host with its external launcher
-(env:// rendezvous across the hosts). vLLM's multi-host paths do not run here: Ray is refused on
-vLLM 0.32's CPU platform (no Ray device key; its Ray executor raises "does not support ray"), and its
-multi-node `mp` executor (the engine on host 0, a headless `vllm serve --node-rank 1` on host 1) hung
-after the warm-up compile, its engine waiting on the broadcast queue to the remote worker. The external launcher does not pipeline
-PP, so vLLM's pp2 here is below what its `mp` executor reaches on one host. The hosts share /dev/shm, and vLLM's CPU
-communicator would take its shared-memory all-reduce between them; benchmarks/peers/no_shm makes it
-take its torch.distributed fallback, so every byte between its ranks crosses the limited link, as ours
-do (`--vllm-shm on` to see the difference).
-Our repeats are interleaved (separate jobs, in turn); vLLM's repeats come from one start-up per
-setting, its prefix cache reset before each (a vLLM launch compiles for minutes on 2 cores).
-Every run on the test bed records the bytes the hosts' interfaces sent, next to the all-reduce and
-send volume the layout must move (`link_bytes`, `expected_bytes`): the check that the collectives
-crossed the link. On --loopback vLLM runs its own `mp` executor, its shared-memory all-reduce included.
-Each point's regime, from the cost model: the link's bandwidth and latency terms against compute,
-per TP layer, next to the same ratios for the paper's 15B model on A10s over PCIe.
+vLLM's CPU build runs on the same hosts, requests and cores (`--vllm-layouts`, default tp2,pp2;
+needs the peer venv, `make peers`): one vLLM rank per host under its external launcher (env://
+rendezvous across the hosts). vLLM's multi-host paths do not run here. Ray is refused on vLLM
+0.32's CPU platform (no Ray device key; its Ray executor raises "does not support ray"). Its
+multi-node `mp` executor (the engine on host 0, `vllm serve --headless --node-rank 1` on host 1)
+hung after the warm-up compile, the engine waiting on its broadcast queue to the remote worker.
+The external launcher does not pipeline PP, so vLLM's pp2 here is below what its `mp` executor
+reaches on one host. The hosts share /dev/shm, where vLLM's CPU communicator would put its
+all-reduce; benchmarks/peers/no_shm makes it take its torch.distributed fallback, so every byte
+between its ranks crosses the limited link, as ours do (`--vllm-shm on` to see the difference).
+With --loopback vLLM runs its own `mp` executor, its shared-memory all-reduce included.
+
+Our repeats are separate jobs, interleaved; vLLM's come from one start-up per setting, its prefix
+cache reset before each (a vLLM launch compiles for minutes on 2 cores). Every test-bed run records
+the bytes the hosts' interfaces sent next to the all-reduce and send volume its layout must move
+(`link_bytes`, `expected_bytes`): the check that the collectives crossed the link. Each setting's
+regime comes from the cost model's terms: the link's bandwidth and latency terms against one TP2
+layer's compute, next to the same ratios for the paper's 15B model on A10s over PCIe.
 """
 from __future__ import annotations
 
@@ -180,7 +181,7 @@ def _parse(stderr: str, out: str, metrics: str) -> dict:
     return {"requests_per_second": float(m.group(1)), "tokens_per_second": float(m.group(2)),
             "output_tokens_per_second": float(m.group(3)), "transitions": len(met["transitions"]),
             "prefill_time_s": met["engine"]["prefill_time_s"], "decode_time_s": met["engine"]["decode_time_s"],
-            "token_ids": token_ids,
+            "transition_s": sum(t.get("total_s", 0.0) for t in met["transitions"]), "token_ids": token_ids,
             **({"auto": auto.split(":", 1)[1].split(" on ")[0].strip(), "auto_line": auto} if auto else {})}
 
 
@@ -232,8 +233,9 @@ def regime_label(ours: dict, a10: dict) -> str:
     comm = ours["decode_lat"] + ours["decode_bw"]
     if comm < 0.05:
         kind = "compute"
-    return (f"{kind}-bound decode (link/compute {comm:.2f}); x A10: bw {ours['decode_bw'] / a10['decode_bw']:.1f}, "
-            f"lat {ours['decode_lat'] / a10['decode_lat']:.1f}, prefill bw {ours['prefill_bw'] / a10['prefill_bw']:.1f}")
+    x = {k: ours[k] / a10[k] for k in ("decode_bw", "decode_lat", "prefill_bw")}
+    return (f"{kind}-bound decode (link/compute {comm:.2f}); x A10: bw {x['decode_bw']:.1f}, "
+            f"lat {x['decode_lat']:.1f}, prefill bw {x['prefill_bw']:.1f}")
 
 
 def predicted(model_dir: str, reqs, layouts, rate_mbit, machine: planner.Hardware, loopback: bool) -> dict:
@@ -281,6 +283,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loopback", action="store_true", help="also run every layout as 2 ranks of this host")
     p.add_argument("--output", default=None, help="write OUTPUT.json, OUTPUT.txt and OUTPUT.png")
+    p.add_argument("--merge", default=None, help="comma list of earlier OUTPUT.json of the same lines and "
+                   "workload: write their settings as one table and figure to --output, running nothing")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="-- more seesaw-mc generate options (ours)")
     a = p.parse_args(argv)
     a.extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
@@ -324,8 +328,32 @@ def run_point(a, reqs, inp: str, rate, loop: bool, port: int, rep: int) -> dict:
     return runs
 
 
+def merge(a) -> int:
+    """Earlier sweeps' settings in one table and figure: link rates ascending, unlimited, then loopback."""
+    docs, paths = [], a.merge.split(",")
+    for path in paths:
+        with open(path) as f:
+            docs.append(json.load(f))
+    first = docs[0]
+    for path, d in zip(paths[1:], docs[1:]):
+        if d["lines"] != first["lines"] or d["dataset"] != first["dataset"] or d["num_prompts"] != first["num_prompts"]:
+            raise SystemExit(f"sweep --merge: {path} has other lines or another workload than {paths[0]}")
+    rows = sorted((r for d in docs for r in d["rows"]),
+                  key=lambda r: (r["loopback"], r["link_mbit"] is None, r["link_mbit"] or 0))
+    a.lines, a.repeats = first["lines"], first["repeats"]
+    a.layouts = [x for x in a.lines if not x.startswith("vllm ")]
+    a.dataset_name, a.length_scale, a.output_scale = first["dataset"], first["length_scale"], first["output_scale"]
+    a.num_prompts, a.model = first["num_prompts"], first["model"]
+    a.extra = first.get("extra", [])
+    rates = sorted({x for d in docs for x in d["rates"]})
+    write_outputs(a, rows, rates, first["matmul_flops_1thread"], None, docs)
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.merge:
+        return merge(a)
     why = netns.available()
     if why:
         print(f"sweep: {why}", file=sys.stderr)
@@ -333,7 +361,7 @@ def main(argv=None) -> int:
     machine = planner.measure_machine(threads=1, ranks=2)
     flops = machine.flops
     rates = [round(auto_rate_mbit(a.model, flops), 1) if x.strip() == "auto" else float(x)
-             for x in a.link_rate.split(",")]
+             for x in a.link_rate.split(",") if x.strip()]  # "" with --loopback: loopback only
     print(f"matmul {flops / 1e9:.0f} GFLOP/s on 1 thread; rates (Mbit/s, 0 = unlimited): {rates}", flush=True)
     reqs = workload(a)
     inp = tempfile.mktemp(suffix=".jsonl")
@@ -402,16 +430,18 @@ def finish_row(a, row: dict, reqs, machine, rate, loop: bool) -> None:
     row["regime"] = {"ours": ours, "a10": ref, "label": regime_label(ours, ref)}
 
 
-def write_outputs(a, rows, rates, flops, reqs) -> None:
+def write_outputs(a, rows, rates, flops, reqs, merged=None) -> None:
     text = table(rows, a) + "\n\n" + checks(rows, a)
     print(text)
     if not a.output:
         return
+    lengths = ({"mean_input": statistics.mean(len(r.prompt_token_ids) for r in reqs),
+                "mean_output": statistics.mean(r.output_len for r in reqs)} if reqs else
+               {"mean_input": merged[0]["mean_input"], "mean_output": merged[0]["mean_output"]})
     with open(a.output + ".json", "w") as f:
         json.dump({"rates": rates, "lines": a.lines, "dataset": a.dataset_name, "length_scale": a.length_scale,
                    "output_scale": a.output_scale, "num_prompts": a.num_prompts, "repeats": a.repeats,
-                   "mean_input": statistics.mean(len(r.prompt_token_ids) for r in reqs),
-                   "mean_output": statistics.mean(r.output_len for r in reqs), "extra": a.extra,
+                   **lengths, "extra": a.extra,
                    "matmul_flops_1thread": flops, "model": os.path.basename(os.path.normpath(a.model)),
                    "rows": rows}, f, indent=2)
     with open(a.output + ".txt", "w") as f:
@@ -438,7 +468,8 @@ def table(rows, a) -> str:
     vllm = [x for x in a.lines if x.startswith("vllm ")]
     seesaw = next((x for x in a.layouts if "->" in x), None)
     out_note = f", outputs x{a.output_scale}" if a.output_scale is not None else ""
-    lines = [f"{os.path.basename(os.path.normpath(a.model))}, {a.dataset_name} x{a.length_scale}{out_note}, "
+    model = os.path.basename(os.path.normpath(a.model)) + (" " + " ".join(a.extra) if a.extra else "")
+    lines = [f"{model}, {a.dataset_name} x{a.length_scale}{out_note}, "
              f"{a.num_prompts} requests, 2 ranks x 1 thread; total tokens/s, median of {a.repeats} (min-max)",
              f"{'setting':>16} " + " ".join(f"{x:>20}" for x in a.lines)]
     for row in rows:
