@@ -56,6 +56,8 @@ def _measure_link(a, world: int):
 
     if a.plan_hardware not in ("measured", "this-machine", "cpu") or a.link_mbit or a.link_latency_us is not None:
         return None
+    if mc.HAS_CUDA:  # "measured" is a CPU rank's figures; NCCL ranks take a preset or --link-mbit
+        return None
     local = mc.local_world_size(world)
     if choose_allreduce(a.allreduce, mc.HAS_CUDA, world, local, (world,)) is AllReduce.DEEPSPEED_SHM:
         return None
