@@ -147,39 +147,23 @@ class Testbed:
             out.append({"tx": int(s64["tx"]["bytes"]), "rx": int(s64["rx"]["bytes"])})
         return out
 
-    def run(self, cmd, master_port: int = 29555, nproc: int = 1, timeout: float = 1800,
-            host_env: Optional[Callable[[int], dict]] = None, primary: Optional[int] = None
-            ) -> List[subprocess.CompletedProcess]:
-        """Run `cmd` (one list for all hosts, or one per host) on every host at once; returns each host's
-        completed process. `host_env(i)` adds or overrides variables for host i. With `primary`, the job
-        is done when that host's command ends: the others (servers that never end on their own) are then
-        stopped, and count as having succeeded."""
-        cmds = cmd if cmd and isinstance(cmd[0], list) else [cmd] * self.n
-
+    def run(self, cmd: List[str], master_port: int = 29555, nproc: int = 1, timeout: float = 1800,
+            host_env: Optional[Callable[[int], dict]] = None) -> List[subprocess.CompletedProcess]:
+        """Run `cmd` on every host at once; returns each host's completed process. `host_env(i)`
+        adds or overrides variables for host i."""
         def env(i):
             e = self.env(i, master_port, nproc)
             e.update(host_env(i) if host_env else {})
             return e
 
-        procs = [subprocess.Popen(["ip", "netns", "exec", ns, *cmds[i]], env=env(i),
+        procs = [subprocess.Popen(["ip", "netns", "exec", ns, *cmd], env=env(i),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i, ns in enumerate(self.hosts)]
-        out = [None] * self.n
-        order = [primary] + [i for i in range(self.n) if i != primary] if primary is not None else range(self.n)
+        out = []
         try:
-            for i in order:
-                p = procs[i]
-                if primary is not None and i != primary:
-                    p.terminate()
-                    try:
-                        o, e = p.communicate(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        o, e = p.communicate()
-                    out[i] = subprocess.CompletedProcess(p.args, 0, o, e)
-                    continue
+            for p in procs:
                 o, e = p.communicate(timeout=timeout)
-                out[i] = subprocess.CompletedProcess(p.args, p.returncode, o, e)
+                out.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
         finally:
             for p in procs:
                 if p.poll() is None:
