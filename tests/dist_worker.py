@@ -51,7 +51,7 @@ def probe_sends(runner):
         return json.loads(store.get("probe/got"))
     store.wait(["probe/sent"], timedelta(seconds=120))
     plans = [runner.receive_plan().payload for _ in range(3)]
-    acts = [g.recv_forward(shape).unique().tolist() for _ in range(2)]
+    acts = [g.recv_forward(shape)().unique().tolist() for _ in range(2)]
     store.set("probe/got", json.dumps({"plans": plans, "activations": acts}))
 
 

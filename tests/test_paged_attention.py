@@ -162,6 +162,9 @@ def test_prefill_positions_and_slots_follow_the_prefix():
     assert meta.positions.tolist() == [15, 16, 17, 0, 1]
     assert meta.slot_mapping.tolist() == [7 * BS + 15, 2 * BS, 2 * BS + 1, 5 * BS, 5 * BS + 1]
     assert meta.context_lens == [18, 2] and meta.logits_indices.tolist() == [2, 4]
+    # A piece of a prompt that goes on in the next micro-batch takes no logits.
+    assert A.prefill_metadata([[7, 2], [5]], [3, 2], [15, 0], BS, "cpu", sample=[False, True]).logits_indices.tolist() == [4]
+    assert A.prefill_metadata([[7, 2]], [3], [15], BS, "cpu", sample=[False]).logits_indices.numel() == 0
     with pytest.raises(ValueError, match="needs more than 1 blocks"):
         A.prefill_metadata([[1]], [2], [15], BS, "cpu")
 

@@ -124,9 +124,11 @@ class AttnMetadata:
 
 
 def prefill_metadata(block_tables: List[List[int]], query_lens: List[int], num_cached: List[int], block_size: int,
-                     device) -> AttnMetadata:
+                     device, sample: Optional[List[bool]] = None) -> AttnMetadata:
     """Sequence s computes tokens num_cached[s] .. num_cached[s] + query_lens[s] - 1; the K/V of
-    the first num_cached[s] are already in its blocks (0 for a whole prompt)."""
+    the first num_cached[s] are already in its blocks (0 for a whole prompt). Logits are taken
+    at the last token of the sequences `sample` marks (default: all; a piece of a prompt cut
+    between micro-batches samples nothing)."""
     pos, slots, cu = [], [], [0]
     for bt, n, c in zip(block_tables, query_lens, num_cached):
         if n < 1 or c < 0:
@@ -138,9 +140,10 @@ def prefill_metadata(block_tables: List[List[int]], query_lens: List[int], num_c
         pos.extend(span)
         slots.extend(bt[p // block_size] * block_size + p % block_size for p in span)
         cu.append(cu[-1] + n)
+    last = [end - 1 for end, keep in zip(cu[1:], sample or [True] * len(query_lens)) if keep]
     return AttnMetadata(True, torch.tensor(pos, device=device), torch.tensor(slots, device=device), cu,
                         [c + n for c, n in zip(num_cached, query_lens)], block_tables, block_size,
-                        logits_indices=torch.tensor(cu[1:], device=device) - 1)
+                        logits_indices=torch.tensor(last, dtype=torch.long, device=device))
 
 
 def decode_metadata(block_tables: List[List[int]], context_lens: List[int], block_size: int,

@@ -12,7 +12,7 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -277,9 +277,22 @@ class LayoutGroups:
         """Every forward send of this layout delivered (before a layout switch or exit)."""
         release_sends(self._sends, keep=0)
 
-    def recv_forward(self, shape) -> torch.Tensor:
+    def recv_forward(self, shape) -> Callable[[], torch.Tensor]:
+        """Asynchronous: posts the receive of the previous stage's activations and returns a
+        wait() that gives them. Posted a micro-batch ahead, the transfer overlaps this stage's
+        compute: gloo moves the bytes only once the receive is posted, and a blocking receive
+        cost a stage the whole transfer each micro-batch (0.08 s of 1 s at 418 Mbit/s, measured)."""
         with cpu_device_shim():
-            return self.comm.recv_forward(tuple(shape), is_first_stage=False)
+            hidden, reqs = self.comm.send_forward_recv_forward(None, recv_prev=True, tensor_shape=tuple(shape),
+                                                               overlap_p2p_comm=True)
+        reqs = list(reqs.values()) if isinstance(reqs, dict) else list(reqs or [])
+
+        def wait() -> torch.Tensor:
+            for r in reqs:
+                r.wait()
+            return hidden
+
+        return wait
 
 
 def build_layout_groups(layouts: Dict[str, object], num_layers: int, config_for_p2p) -> Dict[str, LayoutGroups]:
