@@ -84,3 +84,38 @@ def test_no_shm_patch_answers_no(tmp_path):
     env["PYTHONPATH"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def _doc(lines, rows):
+    cell = lambda v: {"median": v, "min": v - 1, "max": v + 1,  # noqa: E731
+                      "runs": [{"link_bytes": 2e6, "expected_bytes": 1e6, "identical": 16}]}
+    return {"lines": lines, "dataset": "arxiv-like", "num_prompts": 16, "length_scale": 0.08, "output_scale": 0.25,
+            "repeats": 3, "mean_input": 300, "mean_output": 50, "extra": [], "matmul_flops_1thread": 1e11,
+            "model": "m", "rates": [r[0] for r in rows if r[0]],
+            "rows": [{"link_mbit": rate, "loopback": rate is None, "predicted": {}, "link_measured": None,
+                      "regime": {"label": "r"}, **{x: cell(v) for x, v in zip(lines, vals)}}
+                     for rate, vals in rows]}
+
+
+def test_merge_settings_that_ran_other_lines(tmp_path):
+    """--merge joins settings whose vLLM lines differ: a line a setting did not run shows '-'."""
+    import json
+
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    a.write_text(json.dumps(_doc(["tp2", "P2->T2", "vllm tp2", "vllm pp2"], [(418.3, [200, 280, 250, 170])])))
+    b.write_text(json.dumps(_doc(["tp2", "P2->T2", "vllm tp2"], [(100.0, [90, 200, 80]), (None, [270, 250, 300])])))
+    out = tmp_path / "m"
+    assert sweep.main(["--model", "m", "--merge", f"{a},{b}", "--output", str(out)]) == 0
+    text = (tmp_path / "m.txt").read_text().splitlines()
+    assert "vllm pp2" in text[1]
+    rows = [ln.split() for ln in text[2:5]]
+    assert rows[0][:2] == ["100", "Mbit/s"] and rows[0][-1] == "-"
+    assert rows[1][:2] == ["418.3", "Mbit/s"] and rows[1][-2:] == ["170", "(169-171)"]
+    assert rows[2][0] == "loopback" and rows[2][-1] == "-"
+    assert any("1.12/1.12/1.12x vs vllm tp2" in ln for ln in text)  # 280 / 250 at 418.3 Mbit/s
+    assert (tmp_path / "m.png").stat().st_size > 0
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(dict(_doc(["tp2"], [(0.0, [1])]), num_prompts=32)))
+    with pytest.raises(SystemExit, match="another workload"):
+        sweep.main(["--model", "m", "--merge", f"{a},{c}", "--output", str(out)])

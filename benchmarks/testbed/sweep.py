@@ -335,12 +335,15 @@ def merge(a) -> int:
         with open(path) as f:
             docs.append(json.load(f))
     first = docs[0]
+    same = ("dataset", "num_prompts", "length_scale", "output_scale")
     for path, d in zip(paths[1:], docs[1:]):
-        if d["lines"] != first["lines"] or d["dataset"] != first["dataset"] or d["num_prompts"] != first["num_prompts"]:
-            raise SystemExit(f"sweep --merge: {path} has other lines or another workload than {paths[0]}")
+        if any(d.get(k) != first.get(k) for k in same):
+            raise SystemExit(f"sweep --merge: {path} has another workload than {paths[0]}")
     rows = sorted((r for d in docs for r in d["rows"]),
                   key=lambda r: (r["loopback"], r["link_mbit"] is None, r["link_mbit"] or 0))
-    a.lines, a.repeats = first["lines"], first["repeats"]
+    # Lines in order of first appearance; a setting that did not run one shows "-" for it.
+    a.lines = list(dict.fromkeys(x for d in docs for x in d["lines"]))
+    a.repeats = first["repeats"]
     a.layouts = [x for x in a.lines if not x.startswith("vllm ")]
     a.dataset_name, a.length_scale, a.output_scale = first["dataset"], first["length_scale"], first["output_scale"]
     a.num_prompts, a.model = first["num_prompts"], first["model"]
@@ -474,7 +477,8 @@ def table(rows, a) -> str:
              f"{'setting':>16} " + " ".join(f"{x:>20}" for x in a.lines)]
     for row in rows:
         lines.append(f"{_where(row):>16} " + " ".join(
-            f"{row[x]['median']:>8.0f} ({row[x]['min']:.0f}-{row[x]['max']:.0f})".rjust(20) for x in a.lines))
+            (f"{row[x]['median']:>8.0f} ({row[x]['min']:.0f}-{row[x]['max']:.0f})" if x in row else "-").rjust(20)
+            for x in a.lines))
     lines += ["", f"{'setting':>16}  {seesaw} / best static, ours (min/med/max)  {seesaw} / best vLLM"
                   f"           auto / best static of either          planner top-3 (ours)"]
     for row in rows:
@@ -492,16 +496,17 @@ def checks(rows, a) -> str:
              "of a TP2 layer"]
     for row in rows:
         cells = []
-        for x in a.lines:
+        ran = [x for x in a.lines if x in row]
+        for x in ran:
             got = [(r["link_bytes"], r["expected_bytes"]) for r in row[x]["runs"] if r.get("expected_bytes")]
             if got:
                 cells.append(f"{x} {statistics.median(b / e for b, e in got):.2f}")
-        idents = "/".join(str(min(r["identical"] for r in row[x]["runs"])) for x in a.lines)
+        idents = "/".join(str(min(r["identical"] for r in row[x]["runs"])) for x in ran)
         meas = row.get("link_measured")
         link = f"; auto measured {meas[0] * 8 / 1e6:.0f} Mbit/s, {meas[1] * 1e6:.0f} us/hop" if meas else ""
         lines.append(f"{_where(row):>16}  {row['regime']['label']}{link}")
-        lines.append(f"{'':>16}  bytes: {', '.join(cells) or '-'}; identical to {a.lines[0]}: {idents} "
-                     f"of {a.num_prompts}")
+        lines.append(f"{'':>16}  bytes: {', '.join(cells) or '-'}; identical to {a.lines[0]} ({'/'.join(ran)}): "
+                     f"{idents} of {a.num_prompts}")
     return "\n".join(lines)
 
 
@@ -517,9 +522,10 @@ def plot(path: str, rows, lines, title: str) -> None:
     xs = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for line in lines:
-        med = [r[line]["median"] for r in rows]
-        ax.errorbar(xs, med, yerr=[[m - r[line]["min"] for m, r in zip(med, rows)],
-                                   [r[line]["max"] - m for m, r in zip(med, rows)]],
+        have = [(x, r[line]) for x, r in zip(xs, rows) if line in r]
+        med = [c["median"] for _, c in have]
+        ax.errorbar([x for x, _ in have], med, yerr=[[m - c["min"] for m, (_, c) in zip(med, have)],
+                                                     [c["max"] - m for m, (_, c) in zip(med, have)]],
                     marker="s" if line.startswith("vllm") else "o", capsize=3, label=line,
                     linestyle="--" if line.startswith("vllm") else "-",
                     linewidth=2.5 if "->" in line or line == "auto" else 1.5)
