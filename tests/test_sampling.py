@@ -149,3 +149,16 @@ def test_logprobs_match_hf(llm, tiny_models):
 def test_invalid_sampling_values_raise_valueerror(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})
+
+
+def test_greedy_across_vocab_shards_picks_the_first_maximum():
+    """TP greedy: each rank's (max, index) of its vocab shard -> the token argmax of the whole row."""
+    import torch
+
+    from seesaw_mc.model.decoder import first_max_of_shards
+
+    rows = torch.tensor([[0.0, 3.0, 1.0, 3.0], [5.0, 1.0, 5.0, 2.0], [1.0, 2.0, 4.0, 4.0], [-1.0, -1.0, -2.0, -3.0]])
+    shards = rows.view(4, 2, 2).transpose(0, 1)  # 2 shards of 2 columns each: [shard, row, col]
+    best, idx = shards.max(dim=-1)
+    pairs = torch.stack([best.double(), (idx + torch.tensor([[0], [2]])).double()], dim=-1)
+    assert first_max_of_shards(pairs).tolist() == rows.argmax(dim=-1).tolist() == [1, 0, 2, 0]

@@ -169,6 +169,7 @@ class CausalLM(MegatronModule):
         self.args = args
         self.tp_rank = tp_group.rank() if tp_group is not None else 0
         self.tp_size = tp
+        self.tp_group = tp_group
         self.layer_start = layer_start
         self.layer_end = args.num_layers if layer_end is None else layer_end
         self.pre_process = layer_start == 0
@@ -230,3 +231,36 @@ class CausalLM(MegatronModule):
         weight = self.embedding.word_embeddings.weight if self.shares_embedding else None
         logits, _ = self.output_layer(x, weight=weight)
         return logits[:, : self.vocab_size].float()
+
+    @torch.inference_mode()
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """compute_logits(hidden).argmax(-1) [N], without gathering the logits across TP ranks:
+        each rank takes the max of its vocab shard, and the ranks swap (value, index) pairs, N x
+        16 bytes instead of N x vocab x 4 (a TP2 decode step of 16 rows over 418 Mbit/s: 5 ms of
+        about 100). The same token: the shards hold the very numbers the gather would, and a tie
+        goes to the lowest index, as torch.argmax does."""
+        x = rmsnorm(self.kernels, self.decoder.final_layernorm, hidden)
+        weight = self.embedding.word_embeddings.weight if self.shares_embedding else None
+        local, _ = self.output_layer(x, weight=weight, runtime_gather_output=False)
+        start = self.tp_rank * local.shape[-1]
+        mine = local[:, : max(0, min(local.shape[-1], self.vocab_size - start))].float()  # no padded rows
+        if mine.shape[-1]:
+            best, idx = mine.max(dim=-1)  # the first maximum, as argmax
+        else:
+            best = torch.full((x.shape[0],), -torch.inf, device=x.device)
+            idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        if self.tp_size == 1:
+            return idx
+        import torch.distributed as dist
+
+        pair = torch.stack([best.double(), (idx + start).double()], dim=-1)  # exact: fp32 and int < 2^53
+        parts = [torch.empty_like(pair) for _ in range(self.tp_size)]
+        dist.all_gather(parts, pair, group=self.tp_group)
+        return first_max_of_shards(torch.stack(parts))
+
+
+def first_max_of_shards(pairs: torch.Tensor) -> torch.Tensor:
+    """pairs [shards, N, 2]: each vocab shard's (max, its index) per row, shards in vocab order ->
+    the index of the row's maximum [N]; ties go to the lowest shard, whose indices are lowest."""
+    winner = pairs[..., 0].argmax(dim=0)
+    return pairs[..., 1].gather(0, winner[None]).squeeze(0).long()

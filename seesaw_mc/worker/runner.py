@@ -286,6 +286,11 @@ class ModelRunner:
                         continue
                 if meta.logits_indices is not None:
                     h = h.index_select(0, meta.logits_indices)
+                if all(s.params.greedy and s.params.logprobs is None for s in mb):
+                    tokens = model.greedy_tokens(h).tolist()  # no logits gathered across TP ranks
+                    if g.tp_rank == 0:
+                        results.append((tokens, [None] * len(tokens)))
+                    continue
                 logits = model.compute_logits(h)
                 if g.tp_rank == 0:
                     results.append(self.sampler(logits, mb))
