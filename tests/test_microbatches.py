@@ -1,11 +1,10 @@
-"""How a step is cut into pipeline micro-batches: even prefill pieces (prompts cut between
-micro-batches where need be), decode by count."""
+"""How a step is cut into pipeline micro-batches (pure Python): even prefill pieces (prompts
+cut between micro-batches where need be), decode by count."""
 import random
 
 import pytest
 
-from seesaw_mc.core.step_plan import PREFILL_MICROBATCH_TOKENS, num_microbatches
-from seesaw_mc.worker.runner import split_microbatches, split_prefill
+from seesaw_mc.core.step_plan import PREFILL_MICROBATCH_TOKENS, num_microbatches, split_microbatches, split_prefill
 
 
 class _Seq:

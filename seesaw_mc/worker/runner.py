@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import pickle
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from seesaw_mc.config import Layout
 from seesaw_mc.core.scheduler import RunnerOutput
-from seesaw_mc.core.step_plan import StepPlan, num_microbatches
+from seesaw_mc.core.step_plan import StepPlan, num_microbatches, split_microbatches, split_prefill
 from seesaw_mc.model.cpu_linear import select_linear
 from seesaw_mc.model.attention import decode_metadata, prefill_metadata, set_attn_metadata
 from seesaw_mc.model_spec import ModelArgs
@@ -32,47 +32,6 @@ from seesaw_mc.worker.node_files import job_files
 from seesaw_mc.worker.reshard import Resharder
 
 log = logging.getLogger("seesaw_mc")
-
-
-def split_microbatches(seqs: list, n: int) -> List[list]:
-    """Decode: `n` contiguous micro-batches of about equal counts of sequences."""
-    n = max(1, min(n, len(seqs)))
-    return [seqs[len(seqs) * i // n:len(seqs) * (i + 1) // n] for i in range(n)]
-
-
-class PromptPiece(NamedTuple):
-    """Tokens start..stop-1 of a sequence, computed in one prefill micro-batch."""
-    seq: object
-    start: int
-    stop: int
-
-    @property
-    def samples(self) -> bool:
-        """The piece ends the sequence: its last token's logits give the next token."""
-        return self.stop == len(self.seq)
-
-
-def split_prefill(seqs: list, n: int) -> List[List[PromptPiece]]:
-    """Prefill: `n` contiguous micro-batches of about equal token counts, each prompt after its
-    cached prefix. A prompt may be cut between two micro-batches: the later piece attends to
-    the K/V the earlier one wrote, on every stage before it runs. Even pieces keep the pipeline
-    full: its fill and drain last one micro-batch, whatever the prompts' lengths (whole prompts
-    only: the first one of a long arxiv prompt alone filled 1.3 s of a 10 s prefill, measured)."""
-    total = sum(len(s) - s.num_cached_tokens for s in seqs)
-    n = max(1, min(n, total))
-    out: List[List[PromptPiece]] = [[] for _ in range(n)]
-    done, k = 0, 0  # tokens placed so far; the micro-batch being filled, which ends at token end(k)
-    end = lambda k: total * (k + 1) // n  # noqa: E731
-    for s in seqs:
-        pos = s.num_cached_tokens
-        while pos < len(s):
-            while done >= end(k):
-                k += 1
-            stop = min(len(s), pos + end(k) - done)
-            out[k].append(PromptPiece(s, pos, stop))
-            done += stop - pos
-            pos = stop
-    return out
 
 
 class PendingTokens:
