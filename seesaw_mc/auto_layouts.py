@@ -81,7 +81,8 @@ def _plan(a, specs, world: int, link=None) -> str:
     hw = hardware_from_args(a, a.plan_hardware, world, shm_link=shm)
     if link:
         hw = dataclasses.replace(hw, link_bw=link[0], link_latency=link[1])
-    pre, dec, ests = planner.auto_layouts(a.model, world, wl, hw, max_num_seqs=a.max_num_seqs)
+    pre, dec, ests = planner.auto_layouts(a.model, world, wl, hw, max_num_seqs=a.max_num_seqs,
+                                          tp_overlap=a.tp_overlap and not shm)
     if pre != dec and pre.tp * pre.pp > local:  # a pair needs each replica on one node
         ests = [e for e in ests if e.fits and e.prefill == e.decode]
         pre, dec = ests[0].prefill, ests[0].decode

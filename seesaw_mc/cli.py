@@ -98,7 +98,8 @@ def cmd_plan(a) -> int:
     model = planner.resolve_model(a.model, a.dtype_bytes)
     wl = planner.resolve_workload(a.workload, a.num_prompts, a.length_scale)
     hw = hardware_from_args(a, a.hardware, a.gpus)
-    ests = planner.plan(model, hw, a.gpus, wl, pairs=not a.static_only, max_num_seqs=a.max_num_seqs)
+    ests = planner.plan(model, hw, a.gpus, wl, pairs=not a.static_only, max_num_seqs=a.max_num_seqs,
+                        tp_overlap=True)  # GPUs: NCCL, TP prefill in lockstep (EngineConfig.tp_overlap)
     print(planner.format_plan(ests, model, hw, a.gpus, wl, top=a.top))
     if a.json:
         with open(a.json, "w") as f:

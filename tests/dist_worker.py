@@ -69,7 +69,7 @@ def main():
         llm = LLM(case["model"], prefill_layout=case["prefill"], decode_layout=case["decode"],
                   block_size=4, num_device_blocks=case.get("blocks"), num_host_blocks=case.get("host_blocks"),
                   max_num_batched_tokens=case.get("budget", 4096), allreduce=case.get("allreduce", "auto"),
-                  pipeline_depth=case.get("depth"))
+                  pipeline_depth=case.get("depth"), tp_overlap=case.get("tp_overlap", True))
         prompts = [{"prompt_token_ids": p} for p in prompts_for(case.get("seed", 0), n=case.get("n", 10),
                                                                   vocab=case.get("vocab", 320),
                                                                   shared=case.get("shared", False))]
@@ -88,6 +88,7 @@ def main():
             "transitions": m["transitions"] if llm.engine.is_leader else [],
             "preemptions": m["engine"]["preemptions"], "swap": m["swap"], "allreduce": m["allreduce"],
             "shm_allreduce_calls": getattr(llm.engine.runner.shm_allreduce, "calls", 0),
+            "lockstep_groups": llm.engine.runner.lockstep_groups,
             "host_blocks": llm.engine.runner.num_host_blocks, "prefix_cache": m["prefix_cache"],
         }
     if spec.get("probe_sends"):

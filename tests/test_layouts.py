@@ -69,6 +69,7 @@ def test_two_ranks(tiny_models, tmp_path):
         c["depth"] = 1 if c["name"].startswith("qwen2") else None
         if c["name"].startswith("llama"):  # prompts that share a prefix (issue 18), stored once: smaller tiers
             c["shared"] = True
+            c["allreduce"] = "gloo"  # TP steps in lockstep pairs (tp_overlap); qwen2 keeps DeepSpeed's shm
             c["blocks"], c["host_blocks"] = (16, 20) if c["blocks"] else (None, None)
     all_res = torchrun(2, {"cases": spec, "probe_sends": True}, tmp_path)
     # Plans and activations leave without waiting for their receiver, and arrive in order.
@@ -83,6 +84,11 @@ def test_two_ranks(tiny_models, tmp_path):
         for name in ("pp2->tp2", "tp2->pp2"):
             swap = res[name]["swap"]
             assert swap["prefetch_blocks"] > 0 and swap["offload_blocks"] > 0, (family, name, swap)
+    # Over gloo, TP prefill steps ran as micro-batches in lockstep, pieces of one prompt included.
+    for name in ("tp2->tp2", "tp2->pp2"):
+        assert all_res[f"llama:{name}"]["lockstep_groups"] > 0, name
+    for name in ("pp2->tp2", "pp2->pp2"):
+        assert all_res[f"llama:{name}"]["lockstep_groups"] == 0, name
     # Shared prefixes were computed once per tier and stored once, in every layout.
     for name, r in all_res.items():
         if name.startswith("llama"):

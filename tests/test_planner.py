@@ -93,6 +93,19 @@ def test_slower_link_slows_tensor_parallel_prefill_only():
     assert fast.decode_step_s(t4, batch, 4000) < fast.decode_step_s(p4, batch, 4000)  # ... and TP decode
 
 
+def test_tp_overlap_hides_part_of_the_tp_prefill_all_reduce():
+    m, wl = MODELS["LLaMA3-15B"], planner.Workload.preset("arxiv-like", 50)
+    slow_link = dataclasses.replace(HW["A10"], link_bw=HW["A10"].link_bw / 10)
+    one, lockstep = planner.CostModel(m, slow_link, 4), planner.CostModel(m, slow_link, 4, tp_overlap=True)
+    t4, p4 = Layout(tp=4), Layout(pp=4)
+    comm = one.prefill_s(t4, wl, wl.n) - lockstep.prefill_s(t4, wl, wl.n)
+    assert comm > 0.05 * one.prefill_s(t4, wl, wl.n)  # part of a slow link's all-reduce hidden, not all
+    assert lockstep.prefill_s(t4, wl, wl.n) > one.prefill_s(p4, wl, wl.n)
+    assert lockstep.prefill_s(p4, wl, wl.n) == one.prefill_s(p4, wl, wl.n)  # no TP, no all-reduce
+    batch = one.decode_batch(t4, wl, wl.n)
+    assert lockstep.decode_step_s(t4, batch, 4000) == one.decode_step_s(t4, batch, 4000)  # prefill only
+
+
 def test_nvlink_leaves_little_to_gain():
     wl = planner.Workload.preset("sharegpt-like", 500)
     ests = [e for e in planner.plan(MODELS["LLaMA3-15B"], HW["A100-SXM"], 4, wl) if e.fits]

@@ -242,7 +242,7 @@ def predicted(model_dir: str, reqs, layouts, rate_mbit, machine: planner.Hardwar
     """Planner's tokens/s for each measured layout, on this machine (measured once) with this link."""
     wl = planner.Workload("bench", tuple((len(r.prompt_token_ids), r.output_len) for r in reqs))
     hw = point_hardware(machine, rate_mbit, loopback)
-    cm = planner.CostModel(planner.resolve_model(model_dir), hw, 2)
+    cm = planner.CostModel(planner.resolve_model(model_dir), hw, 2, tp_overlap=not loopback)  # loopback: shm
     out = {}
     for lay in layouts:
         pre, dec = Layout.parse_pair(lay)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from seesaw_mc.model import fused_ops
-from seesaw_mc.model.attention import get_attn_metadata, paged_attention
+from seesaw_mc.model.attention import get_attn_metadata, paged_attention, set_attn_metadata
 from seesaw_mc.model.kernels import TORCH_KERNELS, KernelChoice, rmsnorm
 from seesaw_mc.model.sharding import padded_vocab_size
 from seesaw_mc.model_spec import ModelArgs
@@ -107,20 +107,22 @@ class MLP(MegatronModule):
                                             skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x, fused: bool = False):
+        out, _ = self.linear_fc2(self.up(x, fused))
+        return out
+
+    def up(self, x, fused: bool = False):
+        """linear_fc1 and the activation: linear_fc2's input."""
         h, _ = self.linear_fc1(x)
         if fused and self.fusable:
-            out, _ = self.linear_fc2(fused_ops.silu_and_mul(h, self.pairs))
-            return out
+            return fused_ops.silu_and_mul(h, self.pairs)
         if not self.gated:
-            out, _ = self.linear_fc2(self.act(h))
-            return out
+            return self.act(h)
         if self.pairs == 1:
             gate, up = h.chunk(2, dim=-1)
         else:
             h = h.view(h.shape[0], self.pairs, 2, -1)
             gate, up = h[:, :, 0].reshape(h.shape[0], -1), h[:, :, 1].reshape(h.shape[0], -1)
-        out, _ = self.linear_fc2(self.act(gate) * up)
-        return out
+        return self.act(gate) * up
 
 
 class DecoderLayer(MegatronModule):
@@ -225,6 +227,40 @@ class CausalLM(MegatronModule):
         return residual if delta is None else residual + delta
 
     @torch.inference_mode()
+    def forward_lockstep(self, input_ids: Optional[torch.Tensor], hidden: Optional[torch.Tensor], metas) -> list:
+        """forward() of consecutive micro-batches, whose rows are concatenated in input_ids or
+        hidden, with each one's TP all-reduces crossing the link while the others compute. They
+        run in lockstep, one piece of a layer each in turn (the attention block, linear_fc1,
+        linear_fc2), and a micro-batch waits for its all-reduce only when its turn comes round.
+        Every micro-batch ends a layer's attention before the next starts it: a later piece of
+        a prompt attends to the K/V an earlier one wrote. Each one reads every weight again (no
+        cache kept them between two micro-batches, measured), so this pays where compute
+        outweighs the weights: prefill. metas: each one's attention metadata. Not for
+        row-parallel biases (see deferred_tp_reduce). Returns each one's hidden."""
+        if self.args.linear_bias:
+            raise ValueError("forward_lockstep: row-parallel biases are added after the all-reduce")
+        sizes = [m.positions.shape[0] for m in metas]
+        if self.pre_process:  # one all-reduce for all: megatron's embedding copies its output after it
+            positions = torch.cat([m.positions for m in metas])
+            hidden = self.embedding(input_ids[None], positions[None])[:, 0]
+        fused = self.kernels.fused
+        mbs = [_Microbatch(x, m, self._rope(m.positions), fused, self.kernels)
+               for x, m in zip(hidden.split(sizes), metas)]
+        for layer in self.decoder.layers:
+            for mb in mbs:
+                set_attn_metadata(mb.meta)
+                mb.deferred(layer.self_attention, mb.add_norm(layer.input_layernorm), mb.rope)
+            ups = [layer.mlp.up(mb.add_norm(layer.pre_mlp_layernorm), fused) for mb in mbs]
+            for mb, up in zip(mbs, ups):
+                mb.deferred(lambda u: layer.mlp.linear_fc2(u)[0], up)
+        return [mb.output() for mb in mbs]
+
+    def _rope(self, positions: torch.Tensor):
+        if self.kernels.fused:
+            return fused_ops.rope_rows(*self.rope_cos_sin, positions) if self.rope_cos_sin is not None else None
+        return self.rope[positions] if self.rope is not None else None
+
+    @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + output layer on the selected rows -> fp32 logits [N, vocab]."""
         x = rmsnorm(self.kernels, self.decoder.final_layernorm, hidden)
@@ -257,6 +293,39 @@ class CausalLM(MegatronModule):
         parts = [torch.empty_like(pair) for _ in range(self.tp_size)]
         dist.all_gather(parts, pair, group=self.tp_group)
         return first_max_of_shards(torch.stack(parts))
+
+
+class _Microbatch:
+    """One micro-batch of forward_lockstep: its residual stream, the layer output still to be
+    added to it (delta), and the all-reduces that output waits for."""
+
+    def __init__(self, x: torch.Tensor, meta, rope, fused: bool, kernels: KernelChoice):
+        self.residual = x.clone(memory_format=torch.contiguous_format) if fused else x  # fused: updated in place
+        self.meta, self.rope, self.fused, self.kernels = meta, rope, fused, kernels
+        self.delta: Optional[torch.Tensor] = None
+        self.pending: list = []
+
+    def deferred(self, fn, *args) -> None:
+        with mc.deferred_tp_reduce() as works:
+            self.delta = fn(*args)
+        self.pending = works
+
+    def add_norm(self, norm) -> torch.Tensor:
+        """residual += delta (once its all-reduce is in), then norm(residual)."""
+        for w in self.pending:
+            w.wait()
+        self.pending = []
+        delta, self.delta = self.delta, None
+        if self.fused:
+            return fused_ops.add_rms_norm(delta, self.residual, norm)
+        if delta is not None:
+            self.residual = self.residual + delta
+        return rmsnorm(self.kernels, norm, self.residual)
+
+    def output(self) -> torch.Tensor:
+        for w in self.pending:
+            w.wait()
+        return self.residual if self.delta is None else self.residual + self.delta
 
 
 def first_max_of_shards(pairs: torch.Tensor) -> torch.Tensor:

@@ -164,25 +164,42 @@ def set_tp_allreduce(world_reduce, world_size: int) -> None:
     """Route megatron-core's tensor-parallel all-reduce (row-parallel outputs, the vocab-
     parallel embedding) through `world_reduce(tensor) -> bool` when the TP group is the whole
     job, e.g. DeepSpeed's shm all-reduce; other groups, and tensors it declines, use the
-    group's own backend. None restores megatron-core's function."""
+    group's own backend. Inside `deferred_tp_reduce()` every one starts asynchronously instead."""
     import torch.distributed as dist
-
-    original = getattr(tp_mappings, "_seesaw_original_reduce", tp_mappings._reduce)
-    tp_mappings._seesaw_original_reduce = original
-    if world_reduce is None:
-        tp_mappings._reduce = original
-        return
 
     def _reduce(input_, group):
         if group.size() == 1:
             return input_
         x = input_.contiguous()
-        if group.size() == world_size and world_reduce(x):
+        if _DEFERRED is not None:
+            _DEFERRED.append(dist.all_reduce(x, group=group, async_op=True))
+            return x
+        if world_reduce is not None and group.size() == world_size and world_reduce(x):
             return x
         dist.all_reduce(x, group=group)
         return x
 
+    _reduce.seesaw = True
     tp_mappings._reduce = _reduce
+
+
+_DEFERRED: Optional[list] = None
+
+
+@contextlib.contextmanager
+def deferred_tp_reduce():
+    """Within the block megatron-core's TP all-reduces start without waiting, in place on the
+    layer's output: the block yields the list of their works, and an output is the sum only
+    after its work's wait(). For layers that add nothing after the reduce (no row-parallel
+    bias). Lets one micro-batch's all-reduce cross the link while another computes."""
+    global _DEFERRED
+    if not getattr(tp_mappings._reduce, "seesaw", False):
+        set_tp_allreduce(None, 0)
+    saved, _DEFERRED = _DEFERRED, []
+    try:
+        yield _DEFERRED
+    finally:
+        _DEFERRED = saved
 
 
 @contextlib.contextmanager

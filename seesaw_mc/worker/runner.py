@@ -87,6 +87,9 @@ class ModelRunner:
             linear = select_linear(config.kernels, self.device, dtype, log_once=self.rank == 0)
             self.weights = Resharder(config, args, dtype, self.device, max_model_len, layouts, job, kernels, linear)
             self.allreduce, self.shm_allreduce = start_tp_allreduce(allreduce)
+            # DeepSpeed's shm all-reduce is CPU work: in lockstep it would be moved, not hidden.
+            self.tp_overlap = config.tp_overlap and self.shm_allreduce is None and not args.linear_bias
+            self.lockstep_groups = 0  # micro-batch groups run by forward_lockstep (tests, A/B runs)
             first = self.weights.groups["prefill"]
             self.replica_group = first.control_mp  # plans and sampled tokens: control traffic
             self.leader_rank = first.dp_rank * first.layout.tp * first.layout.pp
@@ -224,37 +227,54 @@ class ModelRunner:
         try:
             n = plan.num_microbatches or num_microbatches(g.layout.pp, is_prefill,
                                                           sum(len(s) - s.num_cached_tokens for s in seqs))
-            batches = split_prefill(seqs, n) if is_prefill else split_microbatches(seqs, n)
-            rows = [sum(p.stop - p.start for p in mb) if is_prefill else len(mb) for mb in batches]
+            k = 2 if self.tp_overlap and is_prefill and g.layout.tp > 1 else 1  # in lockstep (forward_lockstep)
+            batches = split_prefill(seqs, n * k) if is_prefill else split_microbatches(seqs, n * k)
+            groups = [batches[i:i + k] for i in range(0, len(batches), k)]
+            rows = [sum(p.stop - p.start for mb in grp for p in mb) if is_prefill else sum(map(len, grp))
+                    for grp in groups]
             # Later stages receive each micro-batch's activations while computing the one before.
             recv = None if g.is_first_stage else g.recv_forward((rows[0], self.args.hidden_size))
-            for i, mb in enumerate(batches):
-                input_ids, meta = self._prepare(is_prefill, mb)
-                set_attn_metadata(meta)
+            for i, grp in enumerate(groups):
+                prepared = [self._prepare(is_prefill, mb) for mb in grp]
                 hidden = None
                 if recv is not None:
                     hidden = recv()
                     recv = g.recv_forward((rows[i + 1], self.args.hidden_size)) if i + 1 < len(rows) else None
-                h = model(input_ids, hidden)
+                if len(grp) == 1:
+                    set_attn_metadata(prepared[0][1])
+                    hs = [model(prepared[0][0], hidden)]
+                else:
+                    ids = torch.cat([ids for ids, _ in prepared]) if g.is_first_stage else None
+                    hs = model.forward_lockstep(ids, hidden, [meta for _, meta in prepared])
+                    self.lockstep_groups += 1
                 if not g.is_last_stage:
-                    g.send_forward(h)
+                    g.send_forward(hs[0] if len(hs) == 1 else torch.cat(hs))
                     continue
-                if is_prefill:
-                    mb = [p.seq for p in mb if p.samples]
-                    if not mb:  # only pieces of prompts that go on in the next micro-batch
-                        continue
-                if meta.logits_indices is not None:
-                    h = h.index_select(0, meta.logits_indices)
-                if all(s.params.greedy and s.params.logprobs is None for s in mb):
-                    tokens = model.greedy_tokens(h).tolist()  # no logits gathered across TP ranks
-                    if g.tp_rank == 0:
-                        results.append((tokens, [None] * len(tokens)))
-                    continue
-                logits = model.compute_logits(h)
-                if g.tp_rank == 0:
-                    results.append(self.sampler(logits, mb))
+                self._sample(is_prefill, grp, prepared, hs, model, g, results)
         finally:
             set_attn_metadata(None)
+
+    def _sample(self, is_prefill, grp, prepared, hs, model, g, results) -> None:
+        """Last stage: the next token of each sequence of a micro-batch group whose step ends it."""
+        rows, seqs = [], []
+        for mb, (_, meta), h in zip(grp, prepared, hs):
+            if is_prefill:
+                mb = [p.seq for p in mb if p.samples]
+                if not mb:  # only pieces of prompts that go on in the next micro-batch
+                    continue
+            rows.append(h.index_select(0, meta.logits_indices) if meta.logits_indices is not None else h)
+            seqs += mb
+        if not seqs:
+            return
+        h = rows[0] if len(rows) == 1 else torch.cat(rows)
+        if all(s.params.greedy and s.params.logprobs is None for s in seqs):
+            tokens = model.greedy_tokens(h).tolist()  # no logits gathered across TP ranks
+            if g.tp_rank == 0:
+                results.append((tokens, [None] * len(tokens)))
+            return
+        logits = model.compute_logits(h)
+        if g.tp_rank == 0:
+            results.append(self.sampler(logits, seqs))
 
     def send_plan(self, plan) -> None:
         """Leader -> every other rank of the replica, point to point and without waiting (see
