@@ -32,7 +32,7 @@ def test_packed_matches_matmul_and_rows_do_not_depend_on_the_batch():
     for m in (1, 3, small, small + 1, 40):
         torch.testing.assert_close(impl(x[:m], w, b), F.linear(x[:m], w, b), atol=2e-5, rtol=1e-5)
     full, few = impl(x, w), impl(x[:small], w)
-    for m in (1, 7):
+    for m in (1, small - 1):
         assert torch.equal(impl(x[:m], w), few[:m])
     for m in (small + 1, 33):
         assert torch.equal(impl(x[:m], w), full[:m])
@@ -134,3 +134,13 @@ def test_released_weights_drop_their_packed_copies(tiny_models):
     assert "PackedLinear" in _packed(model)
     release_weights(model)
     assert set(_packed(model)) == {"NoneType"}
+
+
+def test_skinny_bound_follows_the_vector_width(monkeypatch):
+    """skinny_linear is 8 floats wide: up to 12 rows on AVX2, 4 where oneDNN has AVX-512."""
+    monkeypatch.delenv("SEESAW_SKINNY_ROWS", raising=False)
+    for isa, rows in (("AVX2", 12), ("AVX512", 4), ("DEFAULT", 12)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
+        assert cpu_linear._skinny_rows() == rows, isa
+    monkeypatch.setenv("SEESAW_SKINNY_ROWS", "7")
+    assert cpu_linear._skinny_rows() == 7
