@@ -179,7 +179,7 @@ class EngineConfig:
     parallel/deepspeed_ops.py)."""
     tp_overlap: bool = True
     """Prefill steps of a layout with TP > 1 run their micro-batches in pairs, in lockstep, so that
-    one's all-reduces cross the link while the other computes (model/decoder.py, forward_lockstep;
+    one's all-reduces cross the link while the other computes (model/lockstep.py;
     test bed, tp2 at 418 Mbit/s: prefill 17.3 -> 12.6 s). Not decode: each half would read every
     weight again (measured 1.6-2x the step on these cores), nor under DeepSpeed's shm all-reduce
     (CPU work, that would only move), nor for models with row-parallel biases.

@@ -32,8 +32,8 @@ def test_packed_matches_matmul_and_rows_do_not_depend_on_the_batch():
     for m in (1, 3, small, small + 1, 40):
         torch.testing.assert_close(impl(x[:m], w, b), F.linear(x[:m], w, b), atol=2e-5, rtol=1e-5)
     full, few = impl(x, w), impl(x[:small], w)
-    for m in (1, small - 1):
-        assert torch.equal(impl(x[:m], w), few[:m])
+    for m in (1, small - 1):  # one row alone: MKL's gemv where ONE_ROW_GEMV (its own test below)
+        assert torch.equal(impl(x[:m], w), torch.mv(w, x[0])[None] if m == 1 and cpu_linear.ONE_ROW_GEMV else few[:m])
     for m in (small + 1, 33):
         assert torch.equal(impl(x[:m], w), full[:m])
 
@@ -144,3 +144,24 @@ def test_skinny_bound_follows_the_vector_width(monkeypatch):
         assert cpu_linear._skinny_rows() == rows, isa
     monkeypatch.setenv("SEESAW_SKINNY_ROWS", "7")
     assert cpu_linear._skinny_rows() == 7
+
+
+def test_one_row_takes_mkl_gemv_where_chosen(monkeypatch):
+    """Intel: one row goes to torch.mv on the unpacked weight (MKL's gemv reads it faster there);
+    elsewhere to skinny_linear. Both near the fp64 product; a TP shard's strided rows included."""
+    op = _skinny()
+    torch.manual_seed(2)
+    full = torch.randn(64, 40)
+    w = full[:, 4:36]  # rows apart in memory, as a row-parallel shard
+    x = torch.randn(1, 1, 32)
+    ref = (x[0].double() @ w.double().t()).float()
+    impl = cpu_linear.PackedLinear(w)
+    monkeypatch.setattr(cpu_linear, "ONE_ROW_GEMV", True)
+    got = impl(x, w)
+    assert got.shape == (1, 1, 64) and torch.equal(got[0, 0], torch.mv(w, x[0, 0]))
+    torch.testing.assert_close(got[0], ref, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(cpu_linear, "ONE_ROW_GEMV", False)
+    assert torch.equal(impl(x, w)[0], op.skinny_linear(x[0], w))
+    for value, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("SEESAW_ONE_ROW_GEMV", value)
+        assert cpu_linear._one_row_gemv() is want

@@ -6,6 +6,7 @@ import torch
 
 from seesaw_mc import LLM
 from seesaw_mc.model.attention import prefill_metadata, set_attn_metadata
+from seesaw_mc.model.lockstep import forward_lockstep
 
 
 def _tables(lens, first_block, bs):
@@ -33,7 +34,7 @@ def test_lockstep_gives_what_one_batch_gives(tiny_models, kernels):
         a = prefill_metadata(t[:2], [23, 4], [0, 0], bs, "cpu")
         b = prefill_metadata(t[1:], [5, 40], [4, 0], bs, "cpu")
         with torch.inference_mode():
-            hs = model.forward_lockstep(torch.cat([ids[0], ids[1][:4], ids[1][4:], ids[2]]), None, [a, b])
+            hs = forward_lockstep(model, torch.cat([ids[0], ids[1][:4], ids[1][4:], ids[2]]), None, [a, b])
     finally:
         set_attn_metadata(None)
     assert [h.shape[0] for h in hs] == [27, 45]

@@ -32,7 +32,8 @@ At 1 row that is 14-15 GB/s against oneDNN's 10, MKL's packed sgemm 8.5-8.9 and 
 at 16 rows the two are even, so 12 is the bound on AVX2 (4 with AVX-512: _skinny_rows). The op sums every output in one order whatever
 the batch, so up to 12 rows a row's result does not depend on the others either; across the bound
 (a prefill of 12 tokens recomputed as part of a longer one) the two differ in the last bits.
-SEESAW_SKINNY_LINEAR=0 turns it off (A/B runs).
+SEESAW_SKINNY_LINEAR=0 turns it off (A/B runs). On Intel CPUs one row alone goes to MKL's gemv
+instead (_one_row_gemv), whose bits differ from the row's in a batch, as across the bound.
 """
 from __future__ import annotations
 
@@ -59,6 +60,26 @@ def _skinny_rows() -> int:
 
 
 SKINNY_ROWS = _skinny_rows()
+
+
+def _one_row_gemv() -> bool:
+    """One row of fp32 goes to torch's own matmul (MKL's gemv) instead of skinny_linear on Intel
+    CPUs: there it read the weights 1.48x faster (the wide model's 376 MB, two processes at once,
+    median of 6: 29.2 against 42.9 ms; oneDNN 39.0). On AMD, MKL's gemv was the slowest of all
+    (torch.mv 6.1-6.7 GB/s against skinny_linear's 14-15, module docstring). SEESAW_ONE_ROW_GEMV=0/1
+    overrides it (A/B runs)."""
+    if os.environ.get("SEESAW_ONE_ROW_GEMV") in ("0", "1"):
+        return os.environ["SEESAW_ONE_ROW_GEMV"] == "1"
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
+
+
+ONE_ROW_GEMV = _one_row_gemv()
 _CHOICE: dict = {}
 _SKINNY: list = []  # [op or None, why not], probed once per process
 
@@ -140,7 +161,9 @@ class PackedLinear:
         if self.skinny is not None and input.dtype == torch.float32:
             rows = input.numel() // max(1, input.shape[-1])
             if 0 < rows <= SKINNY_ROWS:
-                out = self.skinny(input.reshape(rows, input.shape[-1]).contiguous(), self.weight)
+                x = input.reshape(rows, input.shape[-1])
+                out = torch.mv(self.weight, x[0])[None] if rows == 1 and ONE_ROW_GEMV else \
+                    self.skinny(x.contiguous(), self.weight)
                 out = out.view(*input.shape[:-1], out.shape[-1])
                 return out + bias if bias is not None else out
         return torch.ops.mkldnn._linear_pointwise(input, self.packed, bias, "none", [], "")

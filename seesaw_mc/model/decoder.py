@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from seesaw_mc.model import fused_ops
-from seesaw_mc.model.attention import get_attn_metadata, paged_attention, set_attn_metadata
+from seesaw_mc.model.attention import get_attn_metadata, paged_attention
 from seesaw_mc.model.kernels import TORCH_KERNELS, KernelChoice, rmsnorm
 from seesaw_mc.model.sharding import padded_vocab_size
 from seesaw_mc.model_spec import ModelArgs
@@ -226,36 +226,8 @@ class CausalLM(MegatronModule):
             delta = layer.forward_fused(residual, delta, rope)
         return residual if delta is None else residual + delta
 
-    @torch.inference_mode()
-    def forward_lockstep(self, input_ids: Optional[torch.Tensor], hidden: Optional[torch.Tensor], metas) -> list:
-        """forward() of consecutive micro-batches, whose rows are concatenated in input_ids or
-        hidden, with each one's TP all-reduces crossing the link while the others compute. They
-        run in lockstep, one piece of a layer each in turn (the attention block, linear_fc1,
-        linear_fc2), and a micro-batch waits for its all-reduce only when its turn comes round.
-        Every micro-batch ends a layer's attention before the next starts it: a later piece of
-        a prompt attends to the K/V an earlier one wrote. Each one reads every weight again (no
-        cache kept them between two micro-batches, measured), so this pays where compute
-        outweighs the weights: prefill. metas: each one's attention metadata. Not for
-        row-parallel biases (see deferred_tp_reduce). Returns each one's hidden."""
-        if self.args.linear_bias:
-            raise ValueError("forward_lockstep: row-parallel biases are added after the all-reduce")
-        sizes = [m.positions.shape[0] for m in metas]
-        if self.pre_process:  # one all-reduce for all: megatron's embedding copies its output after it
-            positions = torch.cat([m.positions for m in metas])
-            hidden = self.embedding(input_ids[None], positions[None])[:, 0]
-        fused = self.kernels.fused
-        mbs = [_Microbatch(x, m, self._rope(m.positions), fused, self.kernels)
-               for x, m in zip(hidden.split(sizes), metas)]
-        for layer in self.decoder.layers:
-            for mb in mbs:
-                set_attn_metadata(mb.meta)
-                mb.deferred(layer.self_attention, mb.add_norm(layer.input_layernorm), mb.rope)
-            ups = [layer.mlp.up(mb.add_norm(layer.pre_mlp_layernorm), fused) for mb in mbs]
-            for mb, up in zip(mbs, ups):
-                mb.deferred(lambda u: layer.mlp.linear_fc2(u)[0], up)
-        return [mb.output() for mb in mbs]
-
-    def _rope(self, positions: torch.Tensor):
+    def rope_rows(self, positions: torch.Tensor):
+        """The rotary angles of `positions` in the form the layers take (fused or megatron's)."""
         if self.kernels.fused:
             return fused_ops.rope_rows(*self.rope_cos_sin, positions) if self.rope_cos_sin is not None else None
         return self.rope[positions] if self.rope is not None else None
@@ -263,10 +235,14 @@ class CausalLM(MegatronModule):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + output layer on the selected rows -> fp32 logits [N, vocab]."""
+        return self._lm_head(hidden, gather=True)[:, : self.vocab_size].float()
+
+    def _lm_head(self, hidden: torch.Tensor, gather: bool) -> torch.Tensor:
+        """Final norm + output layer: the whole (padded) vocab, or this TP rank's shard of it."""
         x = rmsnorm(self.kernels, self.decoder.final_layernorm, hidden)
         weight = self.embedding.word_embeddings.weight if self.shares_embedding else None
-        logits, _ = self.output_layer(x, weight=weight)
-        return logits[:, : self.vocab_size].float()
+        logits, _ = self.output_layer(x, weight=weight, runtime_gather_output=gather)
+        return logits
 
     @torch.inference_mode()
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -275,16 +251,14 @@ class CausalLM(MegatronModule):
         16 bytes instead of N x vocab x 4 (a TP2 decode step of 16 rows over 418 Mbit/s: 5 ms of
         about 100). The same token: the shards hold the very numbers the gather would, and a tie
         goes to the lowest index, as torch.argmax does."""
-        x = rmsnorm(self.kernels, self.decoder.final_layernorm, hidden)
-        weight = self.embedding.word_embeddings.weight if self.shares_embedding else None
-        local, _ = self.output_layer(x, weight=weight, runtime_gather_output=False)
+        local = self._lm_head(hidden, gather=False)
         start = self.tp_rank * local.shape[-1]
         mine = local[:, : max(0, min(local.shape[-1], self.vocab_size - start))].float()  # no padded rows
         if mine.shape[-1]:
             best, idx = mine.max(dim=-1)  # the first maximum, as argmax
         else:
-            best = torch.full((x.shape[0],), -torch.inf, device=x.device)
-            idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            best = torch.full((local.shape[0],), -torch.inf, device=local.device)
+            idx = torch.zeros(local.shape[0], dtype=torch.long, device=local.device)
         if self.tp_size == 1:
             return idx
         import torch.distributed as dist
@@ -293,39 +267,6 @@ class CausalLM(MegatronModule):
         parts = [torch.empty_like(pair) for _ in range(self.tp_size)]
         dist.all_gather(parts, pair, group=self.tp_group)
         return first_max_of_shards(torch.stack(parts))
-
-
-class _Microbatch:
-    """One micro-batch of forward_lockstep: its residual stream, the layer output still to be
-    added to it (delta), and the all-reduces that output waits for."""
-
-    def __init__(self, x: torch.Tensor, meta, rope, fused: bool, kernels: KernelChoice):
-        self.residual = x.clone(memory_format=torch.contiguous_format) if fused else x  # fused: updated in place
-        self.meta, self.rope, self.fused, self.kernels = meta, rope, fused, kernels
-        self.delta: Optional[torch.Tensor] = None
-        self.pending: list = []
-
-    def deferred(self, fn, *args) -> None:
-        with mc.deferred_tp_reduce() as works:
-            self.delta = fn(*args)
-        self.pending = works
-
-    def add_norm(self, norm) -> torch.Tensor:
-        """residual += delta (once its all-reduce is in), then norm(residual)."""
-        for w in self.pending:
-            w.wait()
-        self.pending = []
-        delta, self.delta = self.delta, None
-        if self.fused:
-            return fused_ops.add_rms_norm(delta, self.residual, norm)
-        if delta is not None:
-            self.residual = self.residual + delta
-        return rmsnorm(self.kernels, norm, self.residual)
-
-    def output(self) -> torch.Tensor:
-        for w in self.pending:
-            w.wait()
-        return self.residual if self.delta is None else self.residual + self.delta
 
 
 def first_max_of_shards(pairs: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from seesaw_mc.model.cpu_linear import select_linear
 from seesaw_mc.model.attention import decode_metadata, prefill_metadata, set_attn_metadata
 from seesaw_mc.model_spec import ModelArgs
 from seesaw_mc.model.kernels import select_kernels
+from seesaw_mc.model.lockstep import forward_lockstep
 from seesaw_mc.parallel import megatron_adapter as mc
 from seesaw_mc.parallel.megatron_adapter import release_sends
 from seesaw_mc.parallel.deepspeed_ops import start_tp_allreduce
@@ -227,7 +228,7 @@ class ModelRunner:
         try:
             n = plan.num_microbatches or num_microbatches(g.layout.pp, is_prefill,
                                                           sum(len(s) - s.num_cached_tokens for s in seqs))
-            k = 2 if self.tp_overlap and is_prefill and g.layout.tp > 1 else 1  # in lockstep (forward_lockstep)
+            k = 2 if self.tp_overlap and is_prefill and g.layout.tp > 1 else 1  # in lockstep (model/lockstep.py)
             batches = split_prefill(seqs, n * k) if is_prefill else split_microbatches(seqs, n * k)
             groups = [batches[i:i + k] for i in range(0, len(batches), k)]
             rows = [sum(p.stop - p.start for mb in grp for p in mb) if is_prefill else sum(map(len, grp))
@@ -245,7 +246,7 @@ class ModelRunner:
                     hs = [model(prepared[0][0], hidden)]
                 else:
                     ids = torch.cat([ids for ids, _ in prepared]) if g.is_first_stage else None
-                    hs = model.forward_lockstep(ids, hidden, [meta for _, meta in prepared])
+                    hs = forward_lockstep(model, ids, hidden, [meta for _, meta in prepared])
                     self.lockstep_groups += 1
                 if not g.is_last_stage:
                     g.send_forward(hs[0] if len(hs) == 1 else torch.cat(hs))
