@@ -211,15 +211,14 @@ class CausalLM(MegatronModule):
             x = self.embedding(input_ids[None], meta.positions[None])[:, 0]
         else:
             x = hidden
+        rope = self.rope_rows(meta.positions)
         if self.kernels.fused:
-            return self._forward_fused(x, meta.positions)
-        rope = self.rope[meta.positions] if self.rope is not None else None
+            return self._forward_fused(x, rope)
         for layer in self.decoder.layers:
             x = layer(x, rope)
         return x
 
-    def _forward_fused(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        rope = fused_ops.rope_rows(*self.rope_cos_sin, positions) if self.rope_cos_sin is not None else None
+    def _forward_fused(self, x: torch.Tensor, rope) -> torch.Tensor:
         # Updated in place: never the caller's tensor.
         residual, delta = x.clone(memory_format=torch.contiguous_format), None
         for layer in self.decoder.layers:
