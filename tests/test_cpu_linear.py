@@ -40,8 +40,9 @@ def test_packed_matches_matmul_and_rows_do_not_depend_on_the_batch():
 
 @pytest.mark.parametrize("n,k", [(300, 64), (1024, 512), (7, 13), (9, 1408), (16, 517)])
 def test_skinny_linear_matches_fp64_and_its_rows_do_not_depend_on_the_batch(n, k):
-    """N and K off multiples of 8 take the tails; one row takes the row-by-row path, more rows the
-    eight-rows-at-a-time one, and both must give the same bits for a row."""
+    """N and K off multiples of 8 (4 and 16 on AVX-512) take the tails; one row takes the
+    row-by-row path, more rows the eight-rows-at-a-time one (on AVX-512: tiles of up to six rows,
+    and what is left), and every path must give the same bits for a row."""
     op = _skinny()
     torch.manual_seed(n + k)
     w, x = torch.randn(n, k), torch.randn(cpu_linear.SKINNY_ROWS + 2, k)
@@ -137,9 +138,9 @@ def test_released_weights_drop_their_packed_copies(tiny_models):
 
 
 def test_skinny_bound_follows_the_vector_width(monkeypatch):
-    """skinny_linear is 8 floats wide: up to 12 rows on AVX2, 4 where oneDNN has AVX-512."""
+    """Up to 12 rows on AVX2 (skinny_linear 8 floats wide), 24 where its AVX-512 tiles run."""
     monkeypatch.delenv("SEESAW_SKINNY_ROWS", raising=False)
-    for isa, rows in (("AVX2", 12), ("AVX512", 4), ("DEFAULT", 12)):
+    for isa, rows in (("AVX2", 12), ("AVX512", 24), ("DEFAULT", 12)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
         assert cpu_linear._skinny_rows() == rows, isa
     monkeypatch.setenv("SEESAW_SKINNY_ROWS", "7")

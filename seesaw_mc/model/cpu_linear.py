@@ -29,7 +29,8 @@ host's read-only stream at 19-21 GB/s in the first and slower in the second:
     run 2, oneDNN           12.5-13.6                           17.7-18.1   19.2-21.1   19.7-21.1
     run 2, skinny_linear    9.7-10.0                            13.5-14.1   16.1-16.4   18.8-19.4
 At 1 row that is 14-15 GB/s against oneDNN's 10, MKL's packed sgemm 8.5-8.9 and torch.mv 6.1-6.7;
-at 16 rows the two are even, so 12 is the bound on AVX2 (4 with AVX-512: _skinny_rows). The op sums every output in one order whatever
+at 16 rows the two are even, so 12 is the bound on AVX2 (24 with AVX-512, where a
+register-tiled kernel runs: _skinny_rows). The op sums every output in one order whatever
 the batch, so up to 12 rows a row's result does not depend on the others either; across the bound
 (a prefill of 12 tokens recomputed as part of a longer one) the two differ in the last bits.
 SEESAW_SKINNY_LINEAR=0 turns it off (A/B runs). On Intel CPUs one row alone goes to MKL's gemv
@@ -49,14 +50,15 @@ ONEDNN, TORCH = "onednn", "torch"
 
 
 def _skinny_rows() -> int:
-    """How many rows at most go to skinny_linear. Its vectors are 8 floats wide (AVX2), and
-    oneDNN's are 16 where the CPU has AVX-512: there oneDNN catches up sooner. Intel Xeon with
-    AVX-512, the wide test-bed model's 16 weights (376 MB), two processes at once, best of 3, ms,
-    skinny_linear / oneDNN packed: 4 rows 34.8 / 40.1, 6 rows 44.4 / 42.5, 8 rows 51.0 / 44.6,
-    12 rows 70.0 / 47.5. SEESAW_SKINNY_ROWS overrides it (A/B runs)."""
+    """How many rows at most go to skinny_linear. Where the CPU has AVX-512 the extension's
+    register-tiled kernel (csrc/skinny_linear.cpp) runs: faster than oneDNN's packed GEMM up to
+    about 24 rows (the wide test-bed model's 16 TP2 weights, 376 MB, two processes at once, ms,
+    tile / oneDNN: 8 rows 34-36 / 44-46, 16 rows 48-52 / 52-56, 24 rows 65.4 / 67.3, 32 rows 78-81 /
+    77-80). Elsewhere its 8-wide path holds up to 12 rows (module docstring). SEESAW_SKINNY_ROWS
+    overrides it (A/B runs)."""
     if os.environ.get("SEESAW_SKINNY_ROWS"):
         return int(os.environ["SEESAW_SKINNY_ROWS"])
-    return 4 if torch.backends.cpu.get_cpu_capability().lower().startswith("avx512") else 12
+    return 24 if torch.backends.cpu.get_cpu_capability().lower().startswith("avx512") else 12
 
 
 SKINNY_ROWS = _skinny_rows()
