@@ -103,7 +103,8 @@ def test_choice_is_logged_once_and_torch_opts_out(caplog):
     op, why = cpu_linear.skinny_linear_op()
     few = "skinny_linear" if op is not None else f"onednn ({why})"
     small = cpu_linear.SKINNY_ROWS
-    assert [r.getMessage() for r in caplog.records] == [f"linear layers: onednn; up to {small} rows: {few}",
+    many = f"; from {cpu_linear.MKL_ROWS} rows: torch (MKL)" if cpu_linear.MKL_ROWS else ""
+    assert [r.getMessage() for r in caplog.records] == [f"linear layers: onednn; up to {small} rows: {few}{many}",
                                                          "linear layers: torch (--kernels torch)"]
     assert cpu_linear._unavailable("auto", torch.device("cuda", 0), torch.float32).startswith("oneDNN packing")
 
@@ -166,3 +167,25 @@ def test_one_row_takes_mkl_gemv_where_chosen(monkeypatch):
     for value, want in (("1", True), ("0", False)):
         monkeypatch.setenv("SEESAW_ONE_ROW_GEMV", value)
         assert cpu_linear._one_row_gemv() is want
+
+
+def test_many_rows_take_mkl_sgemm_where_chosen(monkeypatch):
+    """Intel: from MKL_ROWS rows on, torch's matmul on the unpacked weight (MKL's sgemm is the
+    faster there at prefill sizes); below it oneDNN's packed GEMM; MKL_ROWS 0: never."""
+    torch.manual_seed(3)
+    full = torch.randn(48, 40)
+    w = full[:, 4:36]  # a row-parallel shard: rows apart in memory
+    x = torch.randn(12, 1, 32)
+    impl = cpu_linear.PackedLinear(w)
+    monkeypatch.setattr(cpu_linear, "SKINNY_ROWS", 2)
+    monkeypatch.setattr(cpu_linear, "MKL_ROWS", 8)
+    onednn = torch.ops.mkldnn._linear_pointwise(x, impl.packed, None, "none", [], "")
+    assert torch.equal(impl(x, w), torch.matmul(x, w.t()))
+    assert torch.equal(impl(x[:7], w), onednn[:7])
+    torch.testing.assert_close(impl(x, w), onednn, atol=2e-5, rtol=1e-5)
+    monkeypatch.setattr(cpu_linear, "MKL_ROWS", 0)
+    assert torch.equal(impl(x, w), onednn)
+    monkeypatch.setenv("SEESAW_MKL_ROWS", "0")
+    assert cpu_linear._mkl_rows() == 0
+    monkeypatch.setenv("SEESAW_MKL_ROWS", "512")
+    assert cpu_linear._mkl_rows() == 512

@@ -72,6 +72,23 @@ def _one_row_gemv() -> bool:
     overrides it (A/B runs)."""
     if os.environ.get("SEESAW_ONE_ROW_GEMV") in ("0", "1"):
         return os.environ["SEESAW_ONE_ROW_GEMV"] == "1"
+    return _intel_mkl()
+
+
+def _mkl_rows() -> int:
+    """From how many rows fp32 takes torch's own matmul (MKL's sgemm on the unpacked weight)
+    instead of oneDNN's packed GEMM: 1024 on Intel CPUs, where it is the faster at prefill sizes;
+    0 (never) elsewhere. Intel Xeon with AVX-512, the wide test-bed model's four TP2 weights, two
+    processes at once, GFLOP/s, oneDNN / MKL: 256 rows 93-99 / 95-97, 1024 rows 115-118 / 122-124,
+    2048 rows 102-108 / 113-124, 4096 rows 94-110 / 111-119. MKL's packed sgemm (torch.ops.mkl.
+    _mkl_linear) was faster still, but only for the one row count it was packed for. On AMD, MKL's
+    sgemm was the slower (module docstring). SEESAW_MKL_ROWS overrides it (0: never; A/B runs)."""
+    if os.environ.get("SEESAW_MKL_ROWS"):
+        return int(os.environ["SEESAW_MKL_ROWS"])
+    return 1024 if _intel_mkl() else 0
+
+
+def _intel_mkl() -> bool:
     if not torch.backends.mkl.is_available():
         return False
     try:
@@ -82,6 +99,7 @@ def _one_row_gemv() -> bool:
 
 
 ONE_ROW_GEMV = _one_row_gemv()
+MKL_ROWS = _mkl_rows()
 _CHOICE: dict = {}
 _SKINNY: list = []  # [op or None, why not], probed once per process
 
@@ -100,8 +118,9 @@ def select_linear(requested: str, device: torch.device, dtype: torch.dtype, log_
                 log.info("linear layers: %s", ONEDNN)
             else:
                 op, skinny_why = skinny_linear_op()
-                log.info("linear layers: %s; up to %d rows: %s", ONEDNN, SKINNY_ROWS,
-                         "skinny_linear" if op is not None else f"{ONEDNN} ({skinny_why})")
+                log.info("linear layers: %s; up to %d rows: %s%s", ONEDNN, SKINNY_ROWS,
+                         "skinny_linear" if op is not None else f"{ONEDNN} ({skinny_why})",
+                         f"; from {MKL_ROWS} rows: torch (MKL)" if MKL_ROWS else "")
     return _CHOICE[key]
 
 
@@ -147,14 +166,15 @@ class PackedLinear:
     """A layer's `_forward_impl` while its weight is packed. megatron-core calls it with the
     weight it would multiply by: the layer's own, or the embedding it is tied to. A weight that
     is not the packed one takes the plain matmul. Up to SKINNY_ROWS rows of fp32 go to
-    `skinny_linear` on the weight itself (the module docstring says why)."""
+    `skinny_linear` on the weight itself (the module docstring says why), and from MKL_ROWS rows
+    (Intel) to torch's matmul on it (_mkl_rows)."""
 
     def __init__(self, weight: torch.Tensor):
         self.packed = pack(weight)
         self.source = (weight.data_ptr(), tuple(weight.shape))
         op, _ = skinny_linear_op() if weight.dtype == torch.float32 and weight.stride(-1) == 1 else (None, "")
         self.skinny = op.skinny_linear if op is not None else None
-        self.weight = weight.detach() if op is not None else None
+        self.weight = weight.detach()
 
     def __call__(self, input, weight, bias=None, **_megatron_kwargs):
         if (weight.data_ptr(), tuple(weight.shape)) != self.source:
@@ -168,6 +188,9 @@ class PackedLinear:
                     self.skinny(x.contiguous(), self.weight)
                 out = out.view(*input.shape[:-1], out.shape[-1])
                 return out + bias if bias is not None else out
+        if MKL_ROWS and input.dtype == torch.float32 and input.numel() >= MKL_ROWS * input.shape[-1]:
+            out = torch.matmul(input, self.weight.t())
+            return out + bias if bias is not None else out
         return torch.ops.mkldnn._linear_pointwise(input, self.packed, bias, "none", [], "")
 
 
