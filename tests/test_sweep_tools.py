@@ -119,3 +119,16 @@ def test_merge_settings_that_ran_other_lines(tmp_path):
     c.write_text(json.dumps(dict(_doc(["tp2"], [(0.0, [1])]), num_prompts=32)))
     with pytest.raises(SystemExit, match="another workload"):
         sweep.main(["--model", "m", "--merge", f"{a},{c}", "--output", str(out)])
+
+
+def test_our_lines_take_turns_at_going_first(monkeypatch):
+    """Repeat r starts at line r: over 3 repeats each of 3 lines runs once first, second and
+    last. vLLM's line runs at the first repeat only; the result keeps the lines' order."""
+    order = []
+    monkeypatch.setattr(sweep, "run_loopback", lambda model, inp, line, extra: order.append(line) or {"l": line})
+    monkeypatch.setattr(sweep, "run_vllm_loopback", lambda model, reqs, lay, repeats: [{"v": str(lay)}] * repeats)
+    a = type("A", (), {"lines": ["tp2", "vllm tp2", "P2->T2", "auto"], "model": "m", "extra": [], "repeats": 3})()
+    got = [sweep.run_point(a, [], "in.jsonl", None, True, 0, rep) for rep in range(3)]
+    assert order == ["tp2", "P2->T2", "auto", "P2->T2", "auto", "tp2", "auto", "tp2", "P2->T2"]
+    assert list(got[0]) == ["tp2", "vllm tp2", "P2->T2", "auto"] and len(got[0]["vllm tp2"]) == 3
+    assert list(got[1]) == ["tp2", "P2->T2", "auto"]

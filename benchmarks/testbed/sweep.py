@@ -307,8 +307,12 @@ def workload(a):
 
 def run_point(a, reqs, inp: str, rate, loop: bool, port: int, rep: int) -> dict:
     """Every line at one setting: ours once (repeat `rep`), vLLM's at the first repeat only, all its
-    repeats from one start-up (a vLLM launch compiles for minutes on these cores); one test bed."""
+    repeats from one start-up (a vLLM launch compiles for minutes on these cores); one test bed.
+    Our lines take turns at going first: repeat r starts at line r (mod their number), so over
+    as many repeats as lines each runs once in every place of the order. (In a sweep that ran them
+    in one order, auto, always last, was 0.91x of the same layouts run second, P2->T2.)"""
     ours = [x for x in a.lines if not x.startswith("vllm ")]
+    ours = ours[rep % len(ours):] + ours[:rep % len(ours)] if ours else ours
     theirs = [x for x in a.lines if x.startswith("vllm ")] if rep == 0 else []
     runs = {}
     if loop:
@@ -316,7 +320,7 @@ def run_point(a, reqs, inp: str, rate, loop: bool, port: int, rep: int) -> dict:
             runs[line] = [run_loopback(a.model, inp, line, a.extra)]
         for line in theirs:
             runs[line] = run_vllm_loopback(a.model, reqs, Layout.parse(line.split()[-1]), a.repeats)
-        return runs
+        return {line: runs[line] for line in a.lines if line in runs}
     with netns.Testbed(2, rate_mbit=rate or None) as tb:
         for line in ours:
             port += 1
@@ -325,7 +329,7 @@ def run_point(a, reqs, inp: str, rate, loop: bool, port: int, rep: int) -> dict:
             port += 1
             runs[line] = run_vllm(tb, a.model, reqs, Layout.parse(line.split()[-1]), port, a.repeats,
                                   a.vllm_shm == "off")
-    return runs
+    return {line: runs[line] for line in a.lines if line in runs}
 
 
 def merge(a) -> int:
