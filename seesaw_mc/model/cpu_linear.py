@@ -14,7 +14,9 @@ Why (fp32, 2 threads, AMD EPYC with AVX2, us per call, M tokens x K -> N):
     1408x512     98 -> 98       506 -> 381     1555 -> 1407    31274 -> 22825
     512x8192     2656 -> 484    7100 -> 2642   18710 -> 9244   230184 -> 171542
 (torch.matmul -> packed oneDNN; vLLM's onednn_mm measured within 5% of the packed path.) Its
-rows also do not depend on how many rows are in the batch, unlike MKL's sgemm here.
+rows also do not depend on how many rows are in the batch, unlike MKL's sgemm here. (On Intel
+CPUs MKL's sgemm takes over from MKL_ROWS rows, prefill sizes: there a prompt piece's last bits
+may depend on the piece's length, as across the skinny bound.)
 oneDNN packs bf16/fp16 only on CPUs with AVX512-BF16/FP16 or AVX-NE-CONVERT; elsewhere, and on
 CUDA, layers keep megatron-core's own matmul.
 
@@ -38,6 +40,7 @@ instead (_one_row_gemv), whose bits differ from the row's in a batch, as across 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional
@@ -88,7 +91,9 @@ def _mkl_rows() -> int:
     return 1024 if _intel_mkl() else 0
 
 
+@functools.lru_cache(maxsize=1)
 def _intel_mkl() -> bool:
+    """An Intel CPU and a torch with MKL (read once: ONE_ROW_GEMV and MKL_ROWS both ask)."""
     if not torch.backends.mkl.is_available():
         return False
     try:
