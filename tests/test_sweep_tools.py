@@ -1,10 +1,12 @@
 """The test bed sweep's arithmetic and the vLLM peer's network-only patch, without a test bed:
 the link volume each layout must send, the names auto's choices map to, the regime labels, and
 that benchmarks/peers/no_shm turns vLLM's shared-memory check off (on a stand-in module)."""
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -132,3 +134,101 @@ def test_our_lines_take_turns_at_going_first(monkeypatch):
     assert order == ["tp2", "P2->T2", "auto", "P2->T2", "auto", "tp2", "auto", "tp2", "P2->T2"]
     assert list(got[0]) == ["tp2", "vllm tp2", "P2->T2", "auto"] and len(got[0]["vllm tp2"]) == 3
     assert list(got[1]) == ["tp2", "P2->T2", "auto"]
+
+
+FAKE_VLLM = '''
+import json, os, time
+
+
+class _Out:
+    def __init__(self, n):
+        self.outputs = [type("C", (), {"token_ids": list(range(n))})()]
+
+
+class SamplingParams:
+    def __init__(self, max_tokens, **kw):
+        self.max_tokens = max_tokens
+
+
+class LLM:
+    def __init__(self, model, **kw):
+        pass
+
+    def reset_prefix_cache(self):
+        pass
+
+    def generate(self, prompts, params, use_tqdm=False):
+        with open(os.environ["FAKE_VLLM_LOG"], "a") as f:  # when each rank generated
+            f.write(json.dumps([os.environ["RANK"], len(prompts), time.time()]) + "\\n")
+        return [_Out(p.max_tokens) for p in params]
+
+
+__version__ = "fake"
+'''
+
+
+class _FakeTestbed:
+    """Two 'hosts' as plain processes: what VllmSession needs of netns.Testbed."""
+
+    n = 2
+
+    def __init__(self, tmp_path):
+        self.tmp, self.sent = tmp_path, 0
+
+    def addr(self, i):
+        return "127.0.0.1"
+
+    def counters(self):
+        self.sent += 1000
+        return [{"tx": self.sent, "rx": 0}]
+
+    def start(self, cmd, master_port, host_env, logs):
+        env = lambda i: dict(host_env(i), PYTHONPATH=str(self.tmp), FAKE_VLLM_LOG=str(self.tmp / "gen.log"))  # noqa: E731
+        return [subprocess.Popen(cmd, env=env(i), stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+
+
+def _fake_vllm(tmp_path, monkeypatch):
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    monkeypatch.setenv("SEESAW_VLLM_PYTHON", sys.executable)
+    return _FakeTestbed(tmp_path)
+
+
+def test_vllm_session_runs_each_repeat_when_asked(tmp_path, monkeypatch):
+    """One start-up (warm-up included) before anything runs; then each repeat runs only when asked,
+    on both ranks, with the bytes sent during it; the ranks exit after the last."""
+    tb = _fake_vllm(tmp_path, monkeypatch)
+    reqs = [type("R", (), {"prompt_token_ids": [1, 2, 3], "output_len": n})() for n in (4, 5)]
+    sess = sweep.VllmSession(tb, str(tmp_path), reqs, Layout.parse("tp2"), 29999, repeats=2, network_only=False)
+    gen = lambda: [json.loads(ln) for ln in (tmp_path / "gen.log").read_text().splitlines()]  # noqa: E731
+    time.sleep(0.5)
+    assert [g[1] for g in gen()] == [2, 2]  # the warm-up (2 requests) on both ranks, no repeat yet
+    rec = sess.repeat(0)
+    assert rec["token_ids"] == [[0, 1, 2, 3], [0, 1, 2, 3, 4]] and rec["link_bytes"] == 1000
+    assert rec["tokens_per_second"] == pytest.approx(15 / rec["generate_s"])
+    time.sleep(0.5)
+    assert len(gen()) == 4  # repeat 1 waits for its turn
+    t_asked = time.time()
+    sess.repeat(1)
+    assert sorted(g[0] for g in gen()[4:]) == ["0", "1"] and min(g[2] for g in gen()[4:]) >= t_asked
+    sess.close()
+    assert all(p.returncode == 0 for p in sess.procs)
+
+
+def test_vllm_session_that_dies_says_why(tmp_path, monkeypatch):
+    tb = _fake_vllm(tmp_path, monkeypatch)
+    (tmp_path / "vllm" / "__init__.py").write_text("raise SystemExit('no engine for you')")
+    with pytest.raises(RuntimeError, match="no ready: no engine for you"):
+        sweep.VllmSession(tb, str(tmp_path), [], Layout.parse("tp2"), 29999, repeats=1, network_only=False)
+
+
+def test_vllm_lines_take_turns_on_the_test_bed(monkeypatch):
+    """On the test bed vLLM's line is one more line in the rotation: it runs once per repeat."""
+    order = []
+    monkeypatch.setattr(sweep, "run_one", lambda tb, model, inp, line, port, extra: order.append(line) or {"l": line})
+    sess = type("S", (), {"repeat": lambda self, r: order.append(f"vllm tp2 #{r}") or {"v": r}})()
+    a = type("A", (), {"lines": ["tp2", "P2->T2", "vllm tp2"], "model": "m", "extra": [], "repeats": 3})()
+    got = [sweep.run_point(a, [], "in.jsonl", 418.3, False, 0, rep, tb=None, vllm={"vllm tp2": sess})
+           for rep in range(3)]
+    assert order == ["tp2", "P2->T2", "vllm tp2 #0", "P2->T2", "vllm tp2 #1", "tp2", "vllm tp2 #2", "tp2", "P2->T2"]
+    assert all(list(g) == a.lines and len(g["vllm tp2"]) == 1 for g in got)

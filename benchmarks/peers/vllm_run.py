@@ -5,7 +5,8 @@ Runs with the peer venv's python (`make peers` builds it in .cache/peers/vllm), 
     .cache/peers/vllm/bin/python benchmarks/peers/vllm_run.py --requests req.json --output out.json
 
 req.json: {"model", "prompt_token_ids": [[...]], "output_lens": [...], "tp", "pp", "executor" ("mp" or
-"external_launcher"), "dtype", "max_num_seqs", "warmup", "repeats", "prefix_caching"}. out.json: {"token_ids": [[...]], "t_start",
+"external_launcher"), "dtype", "max_num_seqs", "warmup", "repeats", "prefix_caching", optional "gate": a folder; then rank 0 writes gate/ready after the warm-up, every rank
+waits for gate/go.R before repeat R, and rank 0 writes gate/done.R after it}. out.json: {"token_ids": [[...]], "t_start",
 "t_ready", "t_generated" (wall clock: the parent's spawn time makes the whole-process figure), "generate_s"
 (one per repeat: the same requests generated again by the same engine), "vllm_version"}. Under external_launcher every torchrun rank runs this script, and rank 0 writes out.json.
 The VLLM_CPU_* variables are set by the caller (throughput.py); the defaults below are the comparison's.
@@ -58,16 +59,36 @@ def run(cfg: dict) -> dict:
     if n_warm:
         llm.generate(prompts[:n_warm], params[:n_warm], use_tqdm=False)
     t_ready = time.time()
+    gate = cfg.get("gate")
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    if gate and rank0:
+        _write(os.path.join(gate, "ready"), {"t_ready": t_ready})
     generate_s, token_ids = [], None
-    for _ in range(cfg.get("repeats", 1)):
+    for r in range(cfg.get("repeats", 1)):
+        if gate:  # the caller runs other jobs between our repeats (benchmarks/testbed/sweep.py)
+            _wait_for(os.path.join(gate, f"go.{r}"))
         if cfg.get("prefix_caching"):
             llm.reset_prefix_cache()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         generate_s.append(time.perf_counter() - t0)
         token_ids = token_ids or [list(o.outputs[0].token_ids) for o in outs]
+        if gate and rank0:
+            _write(os.path.join(gate, f"done.{r}"), {"generate_s": generate_s[-1], "token_ids": token_ids})
     return {"token_ids": token_ids, "t_start": T_START, "t_ready": t_ready,
             "t_generated": time.time(), "generate_s": generate_s, "vllm_version": vllm.__version__}
+
+
+def _write(path: str, obj) -> None:
+    """Whole or not at all: the caller polls for `path`."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def _wait_for(path: str) -> None:
+    while not os.path.exists(path):  # idle: no core taken from the jobs run in between
+        time.sleep(0.05)
 
 
 def main() -> int:

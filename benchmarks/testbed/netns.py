@@ -147,18 +147,25 @@ class Testbed:
             out.append({"tx": int(s64["tx"]["bytes"]), "rx": int(s64["rx"]["bytes"])})
         return out
 
-    def run(self, cmd: List[str], master_port: int = 29555, nproc: int = 1, timeout: float = 1800,
-            host_env: Optional[Callable[[int], dict]] = None) -> List[subprocess.CompletedProcess]:
-        """Run `cmd` on every host at once; returns each host's completed process. `host_env(i)`
-        adds or overrides variables for host i."""
+    def start(self, cmd: List[str], master_port: int = 29555, nproc: int = 1,
+              host_env: Optional[Callable[[int], dict]] = None, logs: Optional[List] = None) -> List[subprocess.Popen]:
+        """Start `cmd` on every host at once; `host_env` as in run(). Output goes to `logs` (an open
+        file per host, stdout and stderr together), else to pipes."""
         def env(i):
             e = self.env(i, master_port, nproc)
             e.update(host_env(i) if host_env else {})
             return e
 
-        procs = [subprocess.Popen(["ip", "netns", "exec", ns, *cmd], env=env(i),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i, ns in enumerate(self.hosts)]
+        return [subprocess.Popen(["ip", "netns", "exec", ns, *cmd], env=env(i), text=True,
+                                 **({"stdout": logs[i], "stderr": subprocess.STDOUT} if logs else
+                                    {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}))
+                for i, ns in enumerate(self.hosts)]
+
+    def run(self, cmd: List[str], master_port: int = 29555, nproc: int = 1, timeout: float = 1800,
+            host_env: Optional[Callable[[int], dict]] = None) -> List[subprocess.CompletedProcess]:
+        """Run `cmd` on every host at once; returns each host's completed process. `host_env(i)`
+        adds or overrides variables for host i."""
+        procs = self.start(cmd, master_port, nproc, host_env)
         out = []
         try:
             for p in procs:

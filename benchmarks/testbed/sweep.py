@@ -28,8 +28,9 @@ all-reduce; benchmarks/peers/no_shm makes it take its torch.distributed fallback
 between its ranks crosses the limited link, as ours do (`--vllm-shm on` to see the difference).
 With --loopback vLLM runs its own `mp` executor, its shared-memory all-reduce included.
 
-Our repeats are separate jobs, interleaved; vLLM's come from one start-up per setting, its prefix
-cache reset before each (a vLLM launch compiles for minutes on 2 cores). Every test-bed run records
+Our repeats are separate jobs, interleaved. On the test bed vLLM's come from one start-up per setting
+(a vLLM launch compiles for minutes on 2 cores), its prefix cache reset before each, and each runs in
+its turn among ours (its ranks wait on a file in between); on loopback they run back to back. Every test-bed run records
 the bytes the hosts' interfaces sent next to the all-reduce and send volume its layout must move
 (`link_bytes`, `expected_bytes`): the check that the collectives crossed the link. Each setting's
 regime comes from the cost model's terms: the link's bandwidth and latency terms against one TP2
@@ -38,6 +39,7 @@ layer's compute, next to the same ratios for the paper's 15B model on A10s over 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -106,16 +109,21 @@ def _vllm_cfg(model: str, reqs, lay: Layout, executor: str, repeats: int) -> dic
 NO_SHM = os.path.join(ROOT, "benchmarks", "peers", "no_shm")
 
 
-def run_vllm(tb, model: str, reqs, lay: Layout, port: int, repeats: int, network_only: bool = True) -> list:
-    """vLLM at `lay` over the test bed: one vLLM rank per host with its external launcher (env://
-    rendezvous across the hosts), pinned to one core each, like ours. With `network_only` its
-    collectives take torch.distributed (benchmarks/peers/no_shm), not shared memory."""
-    python = vllm_backend.peer_python()
-    cpus = sorted(os.sched_getaffinity(0))
-    with tempfile.TemporaryDirectory(prefix="vllm-testbed-") as tmp:
-        req, out = os.path.join(tmp, "req.json"), os.path.join(tmp, "out.json")
-        with open(req, "w") as f:
-            json.dump(_vllm_cfg(model, reqs, lay, "external_launcher", repeats), f)
+class VllmSession:
+    """vLLM at `lay` over the test bed, started once per setting, its repeats run when asked (so that
+    each runs among ours, in the same minutes): one vLLM rank per host with its external launcher
+    (env:// rendezvous across the hosts), pinned to one core each, like ours. With `network_only`
+    its collectives take torch.distributed (benchmarks/peers/no_shm), not shared memory. Between
+    repeats its ranks wait on a file, taking no core."""
+
+    def __init__(self, tb, model: str, reqs, lay: Layout, port: int, repeats: int, network_only: bool = True):
+        self.tb, self.reqs, self.lay, self.repeats, self.done = tb, reqs, lay, repeats, 0
+        self.tmp = tempfile.TemporaryDirectory(prefix="vllm-testbed-")
+        d = self.tmp.name
+        self.out = os.path.join(d, "out.json")
+        with open(os.path.join(d, "req.json"), "w") as f:
+            json.dump(dict(_vllm_cfg(model, reqs, lay, "external_launcher", repeats), gate=d), f)
+        cpus = sorted(os.sched_getaffinity(0))
         base = vllm_backend.peer_env("external_launcher", tb.n, port)
 
         def host_env(i):
@@ -126,15 +134,52 @@ def run_vllm(tb, model: str, reqs, lay: Layout, port: int, repeats: int, network
                 env["PYTHONPATH"] = NO_SHM
             return env
 
-        sent = _sent(tb)
-        res = tb.run([python, vllm_backend.RUNNER, "--requests", req, "--output", out], master_port=port,
-                     timeout=1800, host_env=host_env)
-        if any(r.returncode for r in res) or not os.path.exists(out):
-            raise RuntimeError(f"vllm {lay}: " + " | ".join(
-                r.stderr.strip().splitlines()[-1] for r in res if r.stderr.strip()))
-        with open(out) as f:
-            got = json.load(f)
-    return _vllm_records(reqs, got, _sent(tb) - sent)
+        self.logs = [open(os.path.join(d, f"host{i}.log"), "w") for i in range(tb.n)]
+        self.procs = tb.start([vllm_backend.peer_python(), vllm_backend.RUNNER, "--requests",
+                               os.path.join(d, "req.json"), "--output", self.out], master_port=port,
+                              host_env=host_env, logs=self.logs)
+        self._wait("ready", timeout=1800)  # start-up and compile, before anything else runs
+
+    def _wait(self, name: str, timeout: float) -> dict:
+        path, t0 = os.path.join(self.tmp.name, name), time.time()
+        while not os.path.exists(path):
+            if any(p.poll() not in (None, 0) for p in self.procs) or time.time() - t0 > timeout:
+                why = self._last_lines()
+                self.close()
+                raise RuntimeError(f"vllm {self.lay}: no {name}: {why}")
+            time.sleep(0.1)
+        with open(path) as f:
+            return json.load(f)
+
+    def _last_lines(self) -> str:
+        tails = []
+        for i in range(len(self.procs)):
+            with open(os.path.join(self.tmp.name, f"host{i}.log")) as f:
+                lines = [ln.strip() for ln in f if ln.strip()]
+            tails.append(lines[-1] if lines else "(no output)")
+        return " | ".join(tails)
+
+    def repeat(self, r: int) -> dict:
+        """Run repeat `r` now; its record, with the bytes the hosts sent during it."""
+        sent = _sent(self.tb)
+        open(os.path.join(self.tmp.name, f"go.{r}"), "w").close()
+        got = self._wait(f"done.{r}", timeout=1800)
+        rec = _vllm_records(self.reqs, {"token_ids": got["token_ids"], "generate_s": [got["generate_s"]]},
+                            _sent(self.tb) - sent)[0]
+        self.done += 1
+        return rec
+
+    def close(self) -> None:
+        """After the last repeat its ranks exit on their own; before it (a failure), they are killed."""
+        for p in self.procs:
+            try:
+                p.wait(timeout=120 if self.done == self.repeats else 0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in self.logs:
+            f.close()
+        self.tmp.cleanup()
 
 
 def run_vllm_loopback(model: str, reqs, lay: Layout, repeats: int) -> list:
@@ -144,8 +189,8 @@ def run_vllm_loopback(model: str, reqs, lay: Layout, repeats: int) -> list:
 
 
 def _vllm_records(reqs, got: dict, link_bytes) -> list:
-    """One record per repeat of one vLLM start-up (its prefix cache reset before each). The link bytes
-    cover the whole launch, start-up included; every record carries their share."""
+    """One record per repeat of one vLLM start-up (its prefix cache reset before each). `link_bytes`:
+    what the hosts sent over those repeats (loopback: None); every record carries its share."""
     if [len(t) for t in got["token_ids"]] != [r.output_len for r in reqs]:
         raise RuntimeError("vllm returned other lengths than asked (ignore_eos)")
     n_out = sum(r.output_len for r in reqs)
@@ -305,31 +350,49 @@ def workload(a):
     return reqs
 
 
-def run_point(a, reqs, inp: str, rate, loop: bool, port: int, rep: int) -> dict:
-    """Every line at one setting: ours once (repeat `rep`), vLLM's at the first repeat only, all its
-    repeats from one start-up (a vLLM launch compiles for minutes on these cores); one test bed.
-    Our lines take turns at going first: repeat r starts at line r (mod their number), so over
-    as many repeats as lines each runs once in every place of the order. (In a sweep that ran them
-    in one order, auto, always last, was 0.91x of the same layouts run second, P2->T2.)"""
-    ours = [x for x in a.lines if not x.startswith("vllm ")]
-    ours = ours[rep % len(ours):] + ours[:rep % len(ours)] if ours else ours
-    theirs = [x for x in a.lines if x.startswith("vllm ")] if rep == 0 else []
+def run_point(a, reqs, inp: str, rate, loop: bool, port: int, rep: int, tb=None, vllm=None) -> dict:
+    """Every line at one setting, once (repeat `rep`). On the test bed `tb`, vLLM's lines are the
+    sessions in `vllm` (one start-up per setting, started by vllm_sessions: a vLLM launch compiles
+    for minutes on these cores), and take their turn like ours. On loopback vLLM's repeats all run
+    at the first repeat, from one start-up. The lines take turns at going first: repeat r starts at
+    line r (mod their number), so over as many repeats as lines each runs once in every place of
+    the order. (In a sweep that ran ours in one order, auto, always last, was 0.91x of the same
+    layouts run second, P2->T2; with vLLM's three repeats run back to back at the first, its tp2
+    ran at 102-112 against 79-96 in the sweeps before.)"""
+    lines = [x for x in a.lines if not (loop and x.startswith("vllm "))]
+    lines = lines[rep % len(lines):] + lines[:rep % len(lines)] if lines else lines
     runs = {}
-    if loop:
-        for line in ours:
+    for line in lines:
+        port += 1
+        if line.startswith("vllm "):
+            runs[line] = [vllm[line].repeat(rep)]
+        elif loop:
             runs[line] = [run_loopback(a.model, inp, line, a.extra)]
-        for line in theirs:
-            runs[line] = run_vllm_loopback(a.model, reqs, Layout.parse(line.split()[-1]), a.repeats)
-        return {line: runs[line] for line in a.lines if line in runs}
-    with netns.Testbed(2, rate_mbit=rate or None) as tb:
-        for line in ours:
-            port += 1
+        else:
             runs[line] = [run_one(tb, a.model, inp, line, port, a.extra)]
-        for line in theirs:
-            port += 1
-            runs[line] = run_vllm(tb, a.model, reqs, Layout.parse(line.split()[-1]), port, a.repeats,
-                                  a.vllm_shm == "off")
+    if loop and rep == 0:
+        for line in (x for x in a.lines if x.startswith("vllm ")):
+            runs[line] = run_vllm_loopback(a.model, reqs, Layout.parse(line.split()[-1]), a.repeats)
     return {line: runs[line] for line in a.lines if line in runs}
+
+
+@contextlib.contextmanager
+def setting(a, reqs, rate, loop: bool, port: int):
+    """One setting's test bed (none on loopback) and vLLM sessions, for all its repeats: (tb, sessions)."""
+    if loop:
+        yield None, {}
+        return
+    with netns.Testbed(2, rate_mbit=rate or None) as tb:
+        sessions = {}
+        try:
+            for line in (x for x in a.lines if x.startswith("vllm ")):
+                port += 1
+                sessions[line] = VllmSession(tb, a.model, reqs, Layout.parse(line.split()[-1]), port, a.repeats,
+                                             a.vllm_shm == "off")
+            yield tb, sessions
+        finally:
+            for sess in sessions.values():
+                sess.close()
 
 
 def merge(a) -> int:
@@ -380,15 +443,17 @@ def main(argv=None) -> int:
     try:
         for rate, loop in [(r, False) for r in rates] + ([(None, True)] if a.loopback else []):
             row = {"link_mbit": rate or None, "loopback": loop}
-            for rep in range(a.repeats):  # repeats interleaved, so drift hits every line alike
-                runs = run_point(a, reqs, inp, rate, loop, port, rep)
+            with setting(a, reqs, rate, loop, port) as (tb, vllm):
                 port += len(a.lines) + 1
-                for line, recs in runs.items():
-                    for r in recs:
-                        first_tokens.setdefault(line, r["token_ids"])
-                        r["identical"] = sum(x == y for x, y in zip(r["token_ids"], first_tokens[a.lines[0]]))
-                        row.setdefault(line, []).append(r)
-                        print(progress_line(line, r, rate, loop, rep), flush=True)
+                for rep in range(a.repeats):  # repeats interleaved, so drift hits every line alike
+                    runs = run_point(a, reqs, inp, rate, loop, port, rep, tb, vllm)
+                    port += len(a.lines) + 1
+                    for line, recs in runs.items():
+                        for r in recs:
+                            first_tokens.setdefault(line, r["token_ids"])
+                            r["identical"] = sum(x == y for x, y in zip(r["token_ids"], first_tokens[a.lines[0]]))
+                            row.setdefault(line, []).append(r)
+                            print(progress_line(line, r, rate, loop, rep), flush=True)
             finish_row(a, row, reqs, machine, rate, loop)
             rows.append(row)
     finally:
