@@ -183,8 +183,9 @@ class _FakeTestbed:
         return [{"tx": self.sent, "rx": 0}]
 
     def start(self, cmd, master_port, host_env, logs):
-        env = lambda i: dict(host_env(i), PYTHONPATH=str(self.tmp), FAKE_VLLM_LOG=str(self.tmp / "gen.log"))  # noqa: E731
-        return [subprocess.Popen(cmd, env=env(i), stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+        fake = {"PYTHONPATH": str(self.tmp), "FAKE_VLLM_LOG": str(self.tmp / "gen.log")}
+        return [subprocess.Popen(cmd, env=dict(host_env(i), **fake), stdout=logs[i], stderr=subprocess.STDOUT)
+                for i in range(2)]
 
 
 def _fake_vllm(tmp_path, monkeypatch):

@@ -5,10 +5,12 @@ Runs with the peer venv's python (`make peers` builds it in .cache/peers/vllm), 
     .cache/peers/vllm/bin/python benchmarks/peers/vllm_run.py --requests req.json --output out.json
 
 req.json: {"model", "prompt_token_ids": [[...]], "output_lens": [...], "tp", "pp", "executor" ("mp" or
-"external_launcher"), "dtype", "max_num_seqs", "warmup", "repeats", "prefix_caching", optional "gate": a folder; then rank 0 writes gate/ready after the warm-up, every rank
-waits for gate/go.R before repeat R, and rank 0 writes gate/done.R after it}. out.json: {"token_ids": [[...]], "t_start",
-"t_ready", "t_generated" (wall clock: the parent's spawn time makes the whole-process figure), "generate_s"
-(one per repeat: the same requests generated again by the same engine), "vllm_version"}. Under external_launcher every torchrun rank runs this script, and rank 0 writes out.json.
+"external_launcher"), "dtype", "max_num_seqs", "warmup", "repeats", "prefix_caching", and optionally "gate":
+a folder; then rank 0 writes gate/ready after the warm-up, every rank waits for gate/go.R before repeat R,
+and rank 0 writes gate/done.R after it}. out.json: {"token_ids": [[...]], "t_start", "t_ready",
+"t_generated" (wall clock: the parent's spawn time makes the whole-process figure), "generate_s" (one per
+repeat: the same requests generated again by the same engine), "vllm_version"}. Under external_launcher
+every torchrun rank runs this script, and rank 0 writes out.json.
 The VLLM_CPU_* variables are set by the caller (throughput.py); the defaults below are the comparison's.
 """
 from __future__ import annotations
