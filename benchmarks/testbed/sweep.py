@@ -30,8 +30,8 @@ With --loopback vLLM runs its own `mp` executor, its shared-memory all-reduce in
 
 Our repeats are separate jobs, interleaved. On the test bed vLLM's come from one start-up per setting
 (a vLLM launch compiles for minutes on 2 cores), its prefix cache reset before each, and each runs in
-its turn among ours (its ranks wait on a file in between); on loopback they run back to back. Every test-bed run records
-the bytes the hosts' interfaces sent next to the all-reduce and send volume its layout must move
+its turn among ours (its ranks wait on a file in between); on loopback they run back to back. Every
+test-bed run records the bytes the hosts' interfaces sent next to the all-reduce and send volume its layout must move
 (`link_bytes`, `expected_bytes`): the check that the collectives crossed the link. Each setting's
 regime comes from the cost model's terms: the link's bandwidth and latency terms against one TP2
 layer's compute, next to the same ratios for the paper's 15B model on A10s over PCIe.
