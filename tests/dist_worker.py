@@ -55,6 +55,15 @@ def probe_sends(runner):
     store.set("probe/got", json.dumps({"plans": plans, "activations": acts}))
 
 
+def packed_linears(model):
+    """[linears routed through cpu_linear.PackedLinear, those holding oneDNN's packed copy now]."""
+    from seesaw_mc.model import cpu_linear
+
+    impls = [m.__dict__.get("_forward_impl") for m in cpu_linear._linears(model)]
+    impls = [i for i in impls if isinstance(i, cpu_linear.PackedLinear)]
+    return [len(impls), sum(i.packed is not None for i in impls)]
+
+
 def main():
     from seesaw_mc import LLM, SamplingParams
 
@@ -90,6 +99,7 @@ def main():
             "shm_allreduce_calls": getattr(llm.engine.runner.shm_allreduce, "calls", 0),
             "lockstep_groups": llm.engine.runner.lockstep_groups,
             "host_blocks": llm.engine.runner.num_host_blocks, "prefix_cache": m["prefix_cache"],
+            "decode_packed": packed_linears(llm.engine.runner.models["decode"]),
         }
     if spec.get("probe_sends"):
         results["probe_sends"] = probe_sends(llm.engine.runner)

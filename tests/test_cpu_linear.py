@@ -87,6 +87,26 @@ def test_few_rows_take_skinny_linear_and_more_take_onednn(monkeypatch):
     assert torch.equal(off(x[:1], w), torch.ops.mkldnn._linear_pointwise(x[:1], off.packed, None, "none", [], ""))
 
 
+def test_lazy_packing_waits_for_a_call_that_needs_the_packed_copy(monkeypatch):
+    """A layout loaded by a switch packs lazily: calls at up to SKINNY_ROWS rows (skinny_linear)
+    and from MKL_ROWS (MKL's sgemm) leave it unpacked; the first call between packs it, with the
+    same numbers as a copy packed up front."""
+    _skinny()
+    torch.manual_seed(4)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    x = torch.randn(20, 32)
+    monkeypatch.setattr(cpu_linear, "SKINNY_ROWS", 4)
+    monkeypatch.setattr(cpu_linear, "MKL_ROWS", 16)
+    eager, lazy = cpu_linear.PackedLinear(w), cpu_linear.PackedLinear(w, lazy=True)
+    assert eager.packed is not None and lazy.packed is None
+    for m in (1, 4, 16, 20):
+        assert torch.equal(lazy(x[:m], w, b), eager(x[:m], w, b)), m
+        assert lazy.packed is None, m
+    assert torch.equal(lazy(x[:9], w, b), eager(x[:9], w, b))
+    assert lazy.packed is not None
+    assert torch.equal(lazy(x[:9], w, b), eager(x[:9], w, b))
+
+
 def test_another_weight_takes_the_plain_matmul():
     w = torch.randn(16, 8)
     other = torch.randn(16, 8)

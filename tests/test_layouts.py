@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from seesaw_mc import LLM, SamplingParams
 from tiny_models import hf_greedy
@@ -84,6 +85,18 @@ def test_two_ranks(tiny_models, tmp_path):
         for name in ("pp2->tp2", "tp2->pp2"):
             swap = res[name]["swap"]
             assert swap["prefetch_blocks"] > 0 and swap["offload_blocks"] > 0, (family, name, swap)
+    # Linears packed for oneDNN at start-up; a switch's layout packs on first need, which decode at
+    # up to SKINNY_ROWS rows (10 prompts here) never has where skinny_linear runs.
+    from seesaw_mc.model import cpu_linear
+
+    if cpu_linear._unavailable("auto", torch.device("cpu"), torch.float32) is None:
+        for name, r in all_res.items():
+            n, packed = r["decode_packed"]
+            assert n > 0, name
+            if name.endswith(("pp2->tp2", "tp2->pp2")) and cpu_linear.skinny_linear_op()[0] is not None:
+                assert packed == 0, (name, r["decode_packed"])
+            elif not name.endswith(("pp2->tp2", "tp2->pp2")):
+                assert packed == n, (name, r["decode_packed"])
     # Over gloo, TP prefill steps ran as micro-batches in lockstep, pieces of one prompt included.
     for name in ("tp2->tp2", "tp2->pp2"):
         assert all_res[f"llama:{name}"]["lockstep_groups"] > 0, name

@@ -4,8 +4,11 @@ pass emits for CPU linears (and the oneDNN matmul that vLLM's CPU build calls `o
 
 The megatron-core layers stay in charge of the parallel part (their input copy, their
 all-reduce or all-gather); only the local GEMM changes, through the layer's `_forward_impl`.
-Weights are packed when a layout's shards are loaded and dropped when they are released
-(worker/reshard.py), so a packed copy never outlives the weights it came from.
+Weights are packed when a layout's shards are loaded at start-up and dropped when they are
+released (worker/reshard.py), so a packed copy never outlives the weights it came from. A layout
+loaded by a switch packs each weight on its first call that takes the packed path (`lazy`):
+decode at up to SKINNY_ROWS rows never does, so a switch to such a decode packs nothing (the wide
+test-bed model's TP2 shard: 0.16 s of a 0.22 s switch, and 188 MB per rank).
 
 Why (fp32, 2 threads, AMD EPYC with AVX2, us per call, M tokens x K -> N):
     K x N        M=1            M=16           M=128           M=2048
@@ -174,8 +177,9 @@ class PackedLinear:
     `skinny_linear` on the weight itself (the module docstring says why), and from MKL_ROWS rows
     (Intel) to torch's matmul on it (_mkl_rows)."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.packed = pack(weight)
+    def __init__(self, weight: torch.Tensor, lazy: bool = False):
+        self.packed = None if lazy else pack(weight)
+        """oneDNN's copy; with `lazy`, made by the first call that needs it."""
         self.source = (weight.data_ptr(), tuple(weight.shape))
         op, _ = skinny_linear_op() if weight.dtype == torch.float32 and weight.stride(-1) == 1 else (None, "")
         self.skinny = op.skinny_linear if op is not None else None
@@ -196,6 +200,8 @@ class PackedLinear:
         if MKL_ROWS and input.dtype == torch.float32 and input.numel() >= MKL_ROWS * input.shape[-1]:
             out = torch.matmul(input, self.weight.t())
             return out + bias if bias is not None else out
+        if self.packed is None:
+            self.packed = pack(self.weight)
         return torch.ops.mkldnn._linear_pointwise(input, self.packed, bias, "none", [], "")
 
 
@@ -205,15 +211,16 @@ def _linears(model):
     return [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
 
 
-def pack_model(model) -> int:
-    """Pack every linear of a loaded model stage; returns the bytes the packed copies take."""
+def pack_model(model, lazy: bool = False) -> int:
+    """Route every linear of a loaded model stage through PackedLinear, packed now or, with
+    `lazy`, on first need; returns the bytes packed now."""
     total = 0
     for layer in _linears(model):
         weight = layer.weight
         if weight is None:  # an output layer tied to this stage's embedding
             weight = model.embedding.word_embeddings.weight
-        layer._forward_impl = PackedLinear(weight)  # the instance attribute shadows megatron's method
-        total += weight.numel() * weight.element_size()
+        layer._forward_impl = PackedLinear(weight, lazy)  # the instance attribute shadows megatron's method
+        total += 0 if lazy else weight.numel() * weight.element_size()
     return total
 
 

@@ -212,10 +212,12 @@ class Resharder:
             return 0
         return sum(p.numel() * p.element_size() for p in self.models[self.active].parameters())
 
-    def _load(self, model: CausalLM, non_blocking: bool = False) -> int:
+    def _load(self, model: CausalLM, non_blocking: bool = False, lazy: bool = False) -> int:
+        """This rank's shards into `model`, and its linears packed (now, or with `lazy` on first
+        need: a switch's decode layout at few rows never needs them, see cpu_linear)."""
         copied = load_shards(model, self._shapes[id(model)], self.master.tensors(), non_blocking)
         if self.linear == cpu_linear.ONEDNN:
-            copied += cpu_linear.pack_model(model)
+            copied += cpu_linear.pack_model(model, lazy)
         return copied
 
     def activate(self, name: str, drain_kv) -> Optional[dict]:
@@ -239,8 +241,8 @@ class Resharder:
             # drains below (opposite directions over PCIe).
             with torch.cuda.stream(self._weight_stream):
                 weight_bytes = self._load(self.models[name], non_blocking=self.master.pinned)
-        else:  # views of the shared master copy: nothing moves
-            weight_bytes = self._load(self.models[name])
+        else:  # views of the shared master copy: nothing moves, nothing is packed yet
+            weight_bytes = self._load(self.models[name], lazy=True)
         t1 = time.perf_counter()
         drain_kv()
         t2 = time.perf_counter()
